@@ -1,0 +1,176 @@
+//! The world model: reads a prompt and predicts the conditioning vector for
+//! the reply (../shared/specs/world-checkpoint.md).
+//!
+//! [`WorldModel`] is the entry point: it loads a checkpoint and its vocab,
+//! resolves the sizes ([`config`]), tokenizes ([`tokenizer`]) and hands the
+//! ids to a [`WorldBackend`] ([`cpu`] today; a CUDA backend plugs in behind
+//! the same trait).
+
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+mod error;
+pub mod tokenizer;
+pub mod vocab;
+
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+
+pub use checkpoint::Checkpoint;
+pub use config::{WorldConfig, WorldOverrides};
+pub use error::{Result, WorldError};
+pub use tokenizer::{Encoded, encode, tokenize};
+pub use vocab::Vocab;
+
+/// Prompts per forward call: bounds activation memory (about
+/// `max_seq · 4·dim · 4 bytes` per prompt and layer) for large batches.
+const MAX_BATCH: usize = 32;
+
+/// A compute backend for the forward pass, chosen once at load time.
+pub trait WorldBackend: Send + Sync {
+    /// Short name for logs ("cpu").
+    fn name(&self) -> &'static str;
+
+    /// Conditioning vectors `[batch.len(), bridge_dim]` for prompts already
+    /// mapped to ids; each holds between 1 and max_seq ids.
+    fn forward(&self, batch: &[&[u32]]) -> Result<Array2<f32>>;
+}
+
+/// How to load a world model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Sizes given by the user; unset ones come from the checkpoint.
+    pub overrides: WorldOverrides,
+    /// CPU worker threads; `None` uses every available core.
+    pub threads: Option<usize>,
+}
+
+/// One prompt's conditioning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conditioned {
+    /// Real (unpadded) positions the model read: tokens after truncation.
+    pub tokens: usize,
+    /// Tokens in the prompt before truncation to max_seq.
+    pub total_tokens: usize,
+    /// The conditioning vector, `bridge_dim` long.
+    pub vector: Vec<f32>,
+}
+
+/// A loaded world model: sizes, vocabulary and a backend holding the weights.
+pub struct WorldModel {
+    config: WorldConfig,
+    vocab: Vocab,
+    backend: Box<dyn WorldBackend>,
+    model_path: PathBuf,
+}
+
+impl WorldModel {
+    /// Loads `model` (safetensors) and `vocab` (vocab_world.txt), checking
+    /// every tensor and the vocabulary size before any weight is copied.
+    pub fn load(
+        model: impl AsRef<Path>,
+        vocab: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let ckpt = Checkpoint::open(model.as_ref())?;
+        let config = config::resolve(&ckpt, &options.overrides)?;
+        let vocab_path = vocab.as_ref();
+        let vocab = Vocab::load(vocab_path)?;
+        if vocab.len() != config.vocab_size {
+            return Err(WorldError::VocabMismatch {
+                vocab_path: vocab_path.to_path_buf(),
+                model_path: ckpt.path().to_path_buf(),
+                vocab: vocab.len(),
+                rows: config.vocab_size,
+            });
+        }
+        let threads = options.threads.unwrap_or_else(default_threads);
+        let backend = Box::new(cpu::CpuBackend::load(&ckpt, &config, threads)?);
+        Ok(Self {
+            config,
+            vocab,
+            backend,
+            model_path: ckpt.path().to_path_buf(),
+        })
+    }
+
+    /// The model's sizes.
+    pub fn config(&self) -> &WorldConfig {
+        &self.config
+    }
+
+    /// The model's vocabulary.
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+
+    /// The backend's name ("cpu").
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The checkpoint file the weights came from.
+    pub fn model_path(&self) -> &Path {
+        &self.model_path
+    }
+
+    /// Tokenizes every prompt; the first one with no tokens is an error
+    /// naming its 1-based position.
+    pub fn encode<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Encoded>> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                encode(&self.vocab, p.as_ref(), self.config.max_seq)
+                    .ok_or(WorldError::EmptyPrompt { index: i + 1 })
+            })
+            .collect()
+    }
+
+    /// Conditioning vectors for many prompts; equal to calling
+    /// [`WorldModel::condition`] on each, but batched through the backend.
+    pub fn condition_batch<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Conditioned>> {
+        let encoded = self.encode(prompts)?;
+        let mut out = Vec::with_capacity(encoded.len());
+        for chunk in encoded.chunks(MAX_BATCH) {
+            let ids: Vec<&[u32]> = chunk.iter().map(|e| e.ids.as_slice()).collect();
+            let vectors = self.backend.forward(&ids)?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(vectors.outer_iter())
+                    .map(|(e, v)| Conditioned {
+                        tokens: e.ids.len(),
+                        total_tokens: e.total_tokens,
+                        vector: v.to_vec(),
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The conditioning vector for one prompt.
+    pub fn condition(&self, prompt: &str) -> Result<Conditioned> {
+        Ok(self.condition_batch(&[prompt])?.remove(0))
+    }
+
+    /// What `--ablate-conditioning` gives: the prompts are still tokenized
+    /// (and rejected if empty) but the vectors are zeros of `bridge_dim`.
+    pub fn ablated<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Conditioned>> {
+        Ok(self
+            .encode(prompts)?
+            .into_iter()
+            .map(|e| Conditioned {
+                tokens: e.ids.len(),
+                total_tokens: e.total_tokens,
+                vector: vec![0.0; self.config.bridge_dim],
+            })
+            .collect())
+    }
+}
+
+/// Every core the process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

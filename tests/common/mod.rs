@@ -1,0 +1,226 @@
+//! Shared test helpers: random world-model checkpoints written with the
+//! `safetensors` crate, and an independent float64 reference forward pass
+//! written from ../shared/specs/world-checkpoint.md with plain loops.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tofy::world::checkpoint::{self, TensorData};
+use tofy::world::{WorldConfig, tokenize};
+
+/// SplitMix64: a tiny deterministic generator, so tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-scale, scale).
+    pub fn uniform(&mut self, scale: f64) -> f32 {
+        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((unit * 2.0 - 1.0) * scale) as f32
+    }
+}
+
+/// Words every random vocab holds, so test prompts hit real ids.
+pub const KNOWN_WORDS: &[&str] = &[
+    "hello", "world", ",", "!", "it's", "5pm", "Hi", "gpu", "a", "short", "write", "é", "?", "the",
+    "'",
+];
+
+/// A written checkpoint + vocab pair.
+pub struct Written {
+    pub model: PathBuf,
+    pub vocab: PathBuf,
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+/// Writes `model_world_test.safetensors` and `vocab_world.txt` under `dir`
+/// for `cfg`, with random weights from `seed`. The vocab file has a duplicate
+/// line and empty lines, which loaders must skip. With `metadata`, heads and
+/// max_seq go into `__metadata__`.
+pub fn write_checkpoint(dir: &Path, cfg: &WorldConfig, seed: u64, metadata: bool) -> Written {
+    assert!(
+        cfg.vocab_size >= 3 + KNOWN_WORDS.len(),
+        "vocab too small for the known words"
+    );
+    let mut rng = Rng::new(seed);
+    let mut tensors = HashMap::new();
+    let mut data = Vec::new();
+    for spec in cfg.tensor_specs() {
+        let n: usize = spec.shape.iter().product();
+        let fan_in = *spec.shape.last().unwrap() as f64;
+        let values: Vec<f32> = if spec.name.contains(".ln") && spec.name.ends_with(".weight") {
+            (0..n).map(|_| 1.0 + rng.uniform(0.2)).collect()
+        } else if spec.name.ends_with(".bias") {
+            (0..n).map(|_| rng.uniform(0.1)).collect()
+        } else if spec.name.starts_with("encoder.embed") || spec.name.contains("action_embed") {
+            (0..n).map(|_| rng.uniform(1.0)).collect()
+        } else {
+            (0..n).map(|_| rng.uniform(1.7 / fan_in.sqrt())).collect()
+        };
+        data.push((
+            spec.name.clone(),
+            TensorData::new(spec.shape.clone(), &values),
+        ));
+        tensors.insert(spec.name, (spec.shape, values));
+    }
+    let meta = metadata.then(|| cfg.metadata().into_iter().collect());
+    let model = dir.join("model_world_test.safetensors");
+    checkpoint::save(&model, &data, meta).unwrap();
+
+    let mut lines: Vec<String> = ["<pad>", "<unk>", "<mask>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    lines.extend(KNOWN_WORDS.iter().map(|s| s.to_string()));
+    lines.push(String::new());
+    lines.push("hello".into()); // duplicate: keeps its first id
+    let filler = cfg.vocab_size - 3 - KNOWN_WORDS.len();
+    lines.extend((0..filler).map(|i| format!("tok{i}")));
+    lines.push(String::new());
+    let vocab = dir.join("vocab_world.txt");
+    std::fs::write(&vocab, lines.join("\n") + "\n").unwrap();
+    Written {
+        model,
+        vocab,
+        tensors,
+    }
+}
+
+/// Vocab ids the way the spec defines them, independently of the crate.
+pub fn reference_ids(vocab_file: &Path, prompt: &str, max_seq: usize) -> Vec<usize> {
+    let text = std::fs::read_to_string(vocab_file).unwrap();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for tok in ["<pad>", "<unk>", "<mask>"].into_iter().chain(text.lines()) {
+        let tok = tok.trim_end_matches('\r');
+        if !tok.is_empty() && !ids.contains_key(tok) {
+            let next = ids.len();
+            ids.insert(tok.to_string(), next);
+        }
+    }
+    tokenize(prompt)
+        .iter()
+        .take(max_seq)
+        .map(|t| ids.get(*t).copied().unwrap_or(1))
+        .collect()
+}
+
+/// The forward pass in float64 with plain loops, straight from the spec.
+pub fn reference_forward(
+    t: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    cfg: &WorldConfig,
+    ids: &[usize],
+) -> Vec<f64> {
+    let w = |name: &str| -> Vec<f64> { t[name].1.iter().map(|&v| f64::from(v)).collect() };
+    let (d, seq) = (cfg.dim, cfg.max_seq);
+    let len = ids.len().min(seq);
+    let emb = w("encoder.embed.weight");
+    let mut x = vec![vec![0.0f64; d]; seq];
+    for (pos, row) in x.iter_mut().enumerate() {
+        let id = if pos < len { ids[pos] } else { 0 };
+        for (j, v) in row.iter_mut().enumerate() {
+            let angle = pos as f64 / 10000f64.powf((j - j % 2) as f64 / d as f64);
+            let pe = if j % 2 == 0 { angle.sin() } else { angle.cos() } as f32;
+            *v = emb[id * d + j] + f64::from(pe);
+        }
+    }
+    let linear = |name: &str, input: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let (wt, b) = (w(&format!("{name}.weight")), w(&format!("{name}.bias")));
+        let (out, inp) = (b.len(), input[0].len());
+        input
+            .iter()
+            .map(|row| {
+                (0..out)
+                    .map(|o| b[o] + (0..inp).map(|i| row[i] * wt[o * inp + i]).sum::<f64>())
+                    .collect()
+            })
+            .collect()
+    };
+    let layer_norm = |name: &str, input: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let (g, b) = (w(&format!("{name}.weight")), w(&format!("{name}.bias")));
+        input
+            .iter()
+            .map(|row| {
+                let mean = row.iter().sum::<f64>() / row.len() as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64;
+                row.iter()
+                    .enumerate()
+                    .map(|(j, v)| (v - mean) / (var + 1e-5).sqrt() * g[j] + b[j])
+                    .collect()
+            })
+            .collect()
+    };
+    let hd = d / cfg.num_heads;
+    for l in 0..cfg.num_layers {
+        let b = format!("encoder.block_{l}");
+        let h = layer_norm(&format!("{b}.ln1"), &x);
+        let q = linear(&format!("{b}.attn.q_proj"), &h);
+        let k = linear(&format!("{b}.attn.k_proj"), &h);
+        let v = linear(&format!("{b}.attn.v_proj"), &h);
+        let mut ctx = vec![vec![0.0; d]; seq];
+        for head in 0..cfg.num_heads {
+            let cols = head * hd..(head + 1) * hd;
+            for i in 0..seq {
+                let scores: Vec<f64> = (0..seq)
+                    .map(|j| {
+                        cols.clone().map(|c| q[i][c] * k[j][c]).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in cols.clone() {
+                    ctx[i][c] = (0..seq).map(|j| exps[j] / sum * v[j][c]).sum();
+                }
+            }
+        }
+        let attn = linear(&format!("{b}.attn.out_proj"), &ctx);
+        for (xr, ar) in x.iter_mut().zip(&attn) {
+            xr.iter_mut().zip(ar).for_each(|(a, b)| *a += b);
+        }
+        let mut f = linear(&format!("{b}.ff1"), &layer_norm(&format!("{b}.ln2"), &x));
+        for v in f.iter_mut().flatten() {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            *v = 0.5 * *v * (1.0 + (c * (*v + 0.044715 * v.powi(3))).tanh());
+        }
+        let f = linear(&format!("{b}.ff2"), &f);
+        for (xr, fr) in x.iter_mut().zip(&f) {
+            xr.iter_mut().zip(fr).for_each(|(a, b)| *a += b);
+        }
+    }
+    let x = layer_norm("encoder.ln_final", &x);
+    let mut z: Vec<f64> = (0..d)
+        .map(|j| x[..len].iter().map(|r| r[j]).sum::<f64>() / len as f64)
+        .collect();
+    z.extend(w("world_transition.action_embed.weight"));
+    let mut hidden = linear("world_transition.fc1", &[z]);
+    hidden[0].iter_mut().for_each(|v| *v = v.max(0.0));
+    let next = linear("world_transition.fc2", &hidden);
+    linear("decoder_bridge.proj", &next).remove(0)
+}
+
+/// max |got - want| / max |want|: the error relative to the vector's scale,
+/// which stays meaningful for entries near zero.
+pub fn max_relative_error(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "vector lengths differ");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (&g, w)| m.max((f64::from(g) - w).abs()));
+    err / scale
+}
+
+/// Path to the committed seed-format fixture.
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed-tiny")
+}
