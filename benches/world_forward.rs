@@ -17,7 +17,7 @@ const SEED_SIZE: WorldConfig = WorldConfig {
     bridge_dim: 256,
 };
 
-/// A typical chat prompt: 24 tokens.
+/// A typical chat prompt: 22 tokens.
 const PROMPT: &str = "I have a small budget and want to train language models at home, which gpu should I buy and why?";
 
 fn forward(c: &mut Criterion) {

@@ -349,25 +349,30 @@ impl Transition {
     }
 }
 
-/// y = x·Wᵀ + b with W stored `[out, in]`, as in the checkpoint.
+/// y = x·Wᵀ + b. The checkpoint stores W as `[out, in]`; it is kept here
+/// transposed, `[in, out]` row-major, because the GEMM packs its right-hand
+/// side on every call and packing contiguous rows is cheaper (measured on
+/// the 2-core dev machine, seed size, one thread: batch 1 about 12% faster,
+/// batch 8 unchanged).
 struct Linear {
-    weight: Array2<f32>,
+    weight_t: Array2<f32>,
     bias: Array1<f32>,
 }
 
 impl Linear {
     fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize) -> Result<Self> {
+        let weight = ckpt.matrix(&format!("{prefix}.weight"), out, inp)?;
         Ok(Self {
-            weight: ckpt.matrix(&format!("{prefix}.weight"), out, inp)?,
+            weight_t: weight.reversed_axes().as_standard_layout().into_owned(),
             bias: ckpt.vector(&format!("{prefix}.bias"), out)?,
         })
     }
 
     fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        map_row_blocks(x, self.weight.nrows(), |x, mut y| {
+        map_row_blocks(x, self.weight_t.ncols(), |x, mut y| {
             let shape = y.raw_dim();
             y.assign(&self.bias.broadcast(shape).expect("row broadcast"));
-            general_mat_mul(1.0, &x, &self.weight.t(), 1.0, &mut y);
+            general_mat_mul(1.0, &x, &self.weight_t, 1.0, &mut y);
         })
     }
 }

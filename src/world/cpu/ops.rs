@@ -109,7 +109,10 @@ mod tests {
         gelu_in_place(&mut extremes);
         // Large negative inputs vanish (the true value is below 1e-30), large
         // positive ones pass through.
-        assert!(extremes[0].abs() < 1e-30 && extremes[1].abs() < 1e-30, "{extremes:?}");
+        assert!(
+            extremes[0].abs() < 1e-30 && extremes[1].abs() < 1e-30,
+            "{extremes:?}"
+        );
         assert_eq!(extremes[2..], [50.0, 1e4]);
     }
 
