@@ -5,8 +5,13 @@ use super::vocab::Vocab;
 
 /// Splits `text` into tokens, in order, as slices of `text`.
 ///
-/// `Hi, it's 5pm!` → `Hi` `,` `it's` `5pm` `!`. Non-ASCII letters are not
-/// word characters: `café` → `caf` `é`.
+/// Non-ASCII letters are not word characters, so each is a token of its own:
+///
+/// ```
+/// use tofy::world::tokenize;
+/// assert_eq!(tokenize("Hi, it's 5pm!"), ["Hi", ",", "it's", "5pm", "!"]);
+/// assert_eq!(tokenize("café\tau lait"), ["caf", "é", "au", "lait"]);
+/// ```
 pub fn tokenize(text: &str) -> Vec<&str> {
     let mut tokens = Vec::new();
     let mut word_start = None;
