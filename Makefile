@@ -1,35 +1,52 @@
 # Tofy runtime: `make demo` runs the main job, `make test` runs the checks CI runs.
 # Both set up what they need first (scripts/setup.sh, idempotent).
 
-SHELL   := /bin/bash
-CARGO   ?= cargo
-TOFY    := target/release/tofy
-FIXTURE := tests/fixtures/seed-tiny
-PROMPT  ?= write a short gpu recommendation
+SHELL    := /bin/bash
+CARGO    ?= cargo
+# One feature set and one profile for every target, so nothing is compiled twice.
+FEATURES := --features train
+TOFY     := target/release/tofy
+PROMPT   ?= write a short gpu recommendation
+CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
+PAIRS    := data/chitchat_pairs.tsv
 
-.PHONY: demo test setup build lint bench fixture help
+.PHONY: demo test setup build bench fixture data world-model help
 
-## demo: build, then print the conditioning vector of a sample prompt on the committed seed-format fixture
+## demo: build, then print the conditioning vector of a sample prompt from the embedded default world model
 demo: setup build
-	$(TOFY) condition $(FIXTURE)/model_world_tiny.safetensors $(FIXTURE)/vocab_world.txt "$(PROMPT)" --heads 4 --max-seq 16
-	$(TOFY) condition $(FIXTURE)/model_world_tiny.safetensors $(FIXTURE)/vocab_world.txt "$(PROMPT)" --heads 4 --max-seq 16 --json
+	$(TOFY) condition "$(PROMPT)"
+	$(TOFY) condition "$(PROMPT)" --json
 
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
 test: setup
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
-	$(CARGO) test --release --locked
+	$(CARGO) clippy --release --locked $(FEATURES) --all-targets -- -D warnings
+	$(CARGO) test --release --locked $(FEATURES)
 
 ## setup: check the toolchain and install the system packages the build needs
 setup:
 	@scripts/setup.sh
 
 build:
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked $(FEATURES)
 
-## bench: criterion benchmarks (figures recorded in BENCHMARKS.md)
+## bench: criterion benchmarks, ndarray vs candle (figures recorded in BENCHMARKS.md)
 bench: setup
-	$(CARGO) bench --locked
+	$(CARGO) bench --locked $(FEATURES)
+
+## data: fetch the chitchat corpus (PyPI chitchat-dataset, MIT) and write the pairs files
+data: $(PAIRS)
+$(CHITCHAT):
+	mkdir -p data/chitchat
+	python3 -m pip download --quiet --no-deps chitchat-dataset==0.9.0 -d data/chitchat
+	cd data/chitchat && python3 -m zipfile -e chitchat_dataset-0.9.0-py3-none-any.whl .
+$(PAIRS): $(CHITCHAT) build
+	$(TOFY) prepare-chitchat $(PAIRS) --dataset $(CHITCHAT)
+
+## world-model: retrain the embedded default (models/world/README.md) and score it
+world-model: data
+	$(TOFY) train-world $(PAIRS) 2000 64 128 48 2 4 8000 256 --lr 1e-3 --seed 0 --out models/world
+	$(TOFY) eval-world models/world/model_world_1.51M.safetensors models/world/vocab_world.txt data/chitchat_pairs.heldout.tsv
 
 ## fixture: regenerate tests/fixtures/seed-tiny with the independent NumPy implementation
 fixture:

@@ -1,6 +1,8 @@
 //! World-model forward pass on the CPU at the seed's size (dim 368, max_seq
 //! 128, 4 layers, 8 heads, bridge 256) with a 10k vocab: batch 1 and 8, one
-//! thread and every core. Figures go to BENCHMARKS.md.
+//! thread and every core; with `--features train`, candle's forward pass on
+//! the same checkpoint in the same run (every core, its default).
+//! Figures go to BENCHMARKS.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -42,7 +44,42 @@ fn forward(c: &mut Criterion) {
             );
         }
     }
+    #[cfg(feature = "train")]
+    candle(&mut group, &w.model);
     group.finish();
+}
+
+/// candle on the same checkpoint: tokenization and padding as in
+/// `WorldModel::condition_batch`, so both sides do the same work.
+#[cfg(feature = "train")]
+fn candle(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    path: &std::path::Path,
+) {
+    use candle_core::Device;
+    use tofy::train::model::{load_checkpoint, pad_ids};
+    use tofy::world::{Vocab, encode};
+
+    let model = load_checkpoint(path, &SEED_SIZE).unwrap();
+    let vocab = Vocab::load(path.with_file_name("vocab_world.txt")).unwrap();
+    for batch in [1usize, 8] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("candle", format!("batch{batch}")), |b| {
+            b.iter(|| {
+                let encoded: Vec<_> = (0..batch)
+                    .map(|_| encode(&vocab, PROMPT, SEED_SIZE.max_seq).unwrap())
+                    .collect();
+                let ids: Vec<&[u32]> = encoded.iter().map(|e| e.ids.as_slice()).collect();
+                let lens: Vec<usize> = ids.iter().map(|i| i.len()).collect();
+                let tensor = pad_ids(&ids, SEED_SIZE.max_seq, &Device::Cpu).unwrap();
+                model
+                    .forward(&tensor, &lens)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            })
+        });
+    }
 }
 
 criterion_group!(benches, forward);

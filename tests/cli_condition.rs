@@ -413,3 +413,49 @@ fn bad_vocab_files_and_prompts() {
         "error: prompt 2 is empty or whitespace-only: there is nothing to condition on"
     );
 }
+
+#[test]
+fn prompts_alone_use_the_embedded_default_world_model() {
+    let out = tofy(&["condition", "hello there, how are you?", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["tokens"], 7);
+    let first: Vec<f32> = serde_json::from_value(line["conditioning"].clone()).unwrap();
+    assert_eq!(first.len(), 256);
+    assert!(first.iter().any(|&v| v != 0.0));
+
+    // The same prompt through the committed files gives the same vector.
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/world/model_world_1.51M.safetensors");
+    let vocab = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/world/vocab_world.txt");
+    let out = condition(
+        &model.display().to_string(),
+        &vocab.display().to_string(),
+        &["hello there, how are you?"],
+        &["--json"],
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let from_files: Vec<f32> = serde_json::from_value(line["conditioning"].clone()).unwrap();
+    assert_eq!(first, from_files);
+
+    let text = String::from_utf8(tofy(&["condition", "hi"]).stdout).unwrap();
+    assert!(
+        text.starts_with("world model models/world/model_world_1.51M.safetensors (dim 128"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_model_without_vocab_and_prompt_is_an_error() {
+    let e = fails(tofy(&["condition", "model_world_x.safetensors", "hi"]));
+    assert!(
+        e.contains("nothing follows them; usage: [MODEL VOCAB] PROMPT..."),
+        "{e}"
+    );
+    let e = fails(tofy(&["condition", "model_world_x.safetensors"]));
+    assert!(e.contains("no vocab_world.txt and prompt follow it"), "{e}");
+}

@@ -49,6 +49,7 @@ fn check_against_reference(cfg: WorldConfig, metadata: bool, threads: usize) {
     let options = LoadOptions {
         overrides,
         threads: Some(threads),
+        ..Default::default()
     };
     let model = WorldModel::load(&written.model, &written.vocab, &options).unwrap();
     assert_eq!(model.config(), &cfg, "sizes read back from the checkpoint");
@@ -200,6 +201,7 @@ fn committed_seed_fixture_matches_numpy_reference() {
             ..Default::default()
         },
         threads: Some(2),
+        ..Default::default()
     };
     let model = WorldModel::load(
         dir.join("model_world_tiny.safetensors"),

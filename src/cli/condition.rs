@@ -2,24 +2,21 @@
 //! for programs or a short summary for people.
 
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
 use super::WorldSizeArgs;
-use crate::world::{Conditioned, LoadOptions, WorldModel};
+use crate::world::{Conditioned, LoadOptions};
 
 #[derive(Debug, Args)]
 pub struct ConditionArgs {
-    /// World-model checkpoint (model_world_*.safetensors).
-    model: PathBuf,
-    /// Its vocabulary (vocab_world.txt).
-    vocab: PathBuf,
-    /// Prompts to condition on; all are computed in one batch.
-    #[arg(required = true)]
-    prompts: Vec<String>,
+    /// `[MODEL VOCAB] PROMPT...`: a world-model checkpoint
+    /// (model_world_*.safetensors) and its vocab_world.txt, then the prompts;
+    /// without them, the prompts go to the embedded default world model.
+    #[arg(required = true, value_name = "[MODEL VOCAB] PROMPT")]
+    inputs: Vec<String>,
     #[command(flatten)]
     sizes: WorldSizeArgs,
     /// Replace each conditioning vector with zeros of the same length.
@@ -47,17 +44,18 @@ pub fn run(args: ConditionArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         overrides: args.sizes.into(),
         threads: args.threads.map(|t| t as usize),
+        ..Default::default()
     };
-    let model = WorldModel::load(&args.model, &args.vocab, &options)?;
+    let (model, prompts) = super::world_and_rest(&args.inputs, &options)?;
     let results = if args.ablate_conditioning {
-        model.ablated(&args.prompts)?
+        model.ablated(prompts)?
     } else {
-        model.condition_batch(&args.prompts)?
+        model.condition_batch(prompts)?
     };
 
     let mut out = BufWriter::new(std::io::stdout().lock());
     if args.json {
-        for (prompt, r) in args.prompts.iter().zip(&results) {
+        for (prompt, r) in prompts.iter().zip(&results) {
             let line = JsonLine {
                 prompt,
                 tokens: r.tokens,
@@ -74,7 +72,7 @@ pub fn run(args: ConditionArgs) -> anyhow::Result<()> {
             model.config().summary(),
             model.backend_name()
         )?;
-        for (i, (prompt, r)) in args.prompts.iter().zip(&results).enumerate() {
+        for (i, (prompt, r)) in prompts.iter().zip(&results).enumerate() {
             writeln!(
                 out,
                 "{}",

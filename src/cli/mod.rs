@@ -2,12 +2,15 @@
 //! configs, and the output formats. `main` only calls [`run`].
 
 mod condition;
+mod train;
 
 use std::ffi::OsString;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::world::WorldOverrides;
+use anyhow::Context;
+
+use crate::world::{LoadOptions, WorldModel, WorldOverrides};
 
 /// Tofy: a world model that reads a prompt and steers a local LLM's reply.
 #[derive(Debug, Parser)]
@@ -21,6 +24,12 @@ pub struct Cli {
 enum Command {
     /// Print the world model's conditioning vector for each prompt.
     Condition(condition::ConditionArgs),
+    /// Turn the chitchat corpus into training and held-out pairs files.
+    PrepareChitchat(train::PrepareArgs),
+    /// Train a world model on a pairs file (needs the `train` feature).
+    TrainWorld(train::TrainArgs),
+    /// Score a world model on held-out pairs against copy/mean baselines.
+    EvalWorld(train::EvalArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -67,5 +76,40 @@ where
 {
     match Cli::parse_from(args).command {
         Command::Condition(args) => condition::run(args),
+        Command::PrepareChitchat(args) => train::prepare(args),
+        Command::TrainWorld(args) => train::train(args),
+        Command::EvalWorld(args) => train::evaluate(args),
+    }
+}
+
+/// Splits `[MODEL VOCAB] REST...` the way the seed's commands take them:
+/// the first argument is a world model when it ends in `.safetensors` or
+/// names something that exists on disk; then it and the next are the model
+/// and its vocab. Otherwise every argument belongs to the command and the
+/// embedded default world model is used.
+pub(crate) fn world_and_rest<'a>(
+    args: &'a [String],
+    options: &LoadOptions,
+) -> anyhow::Result<(WorldModel, &'a [String])> {
+    let names_model =
+        |arg: &str| arg.ends_with(".safetensors") || std::path::Path::new(arg).exists();
+    match args {
+        [model, vocab, rest @ ..] if names_model(model) => {
+            anyhow::ensure!(
+                !rest.is_empty(),
+                "{model} and {vocab} name a world model, but nothing follows them; usage: [MODEL VOCAB] PROMPT..."
+            );
+            Ok((WorldModel::load(model, vocab, options)?, rest))
+        }
+        [model] if names_model(model) => {
+            anyhow::bail!(
+                "{model} looks like a world model, but no vocab_world.txt and prompt follow it; usage: [MODEL VOCAB] PROMPT..."
+            )
+        }
+        _ => {
+            let model = WorldModel::load_default(options)
+                .context("loading the embedded default world model")?;
+            Ok((model, args))
+        }
     }
 }

@@ -15,6 +15,30 @@ use super::error::{Result, WorldError};
 /// Length of the little-endian u64 that opens every safetensors file.
 const HEADER_LEN_BYTES: usize = 8;
 
+/// `__metadata__` key saying what a file is for; see [`ROLE_TEACHER`].
+pub const ROLE_KEY: &str = "role";
+/// The role of the EMA teacher encoder a training run writes beside the
+/// model (`*_teacher.safetensors`): for resuming training, not inference.
+pub const ROLE_TEACHER: &str = "teacher";
+
+/// Where a checkpoint's bytes live.
+enum Bytes {
+    /// A file mapped into memory.
+    Mapped(Mmap),
+    /// Bytes compiled into the binary (the embedded default model).
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Static(s) => s,
+        }
+    }
+}
+
 /// A safetensors file mapped into memory with its header parsed.
 ///
 /// Tensors are copied out on request ([`Checkpoint::matrix`],
@@ -22,7 +46,7 @@ const HEADER_LEN_BYTES: usize = 8;
 /// guarantee for `f32`.
 pub struct Checkpoint {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: Bytes,
     data_start: usize,
     header: Metadata,
 }
@@ -47,14 +71,31 @@ impl Checkpoint {
         // supported use (writers here replace files by rename, which leaves
         // this mapping on the old inode).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| WorldError::io(&path, e))?;
-        let (header_len, header) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| classify(&path, &mmap, e))?;
+        Self::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// Reads a checkpoint compiled into the binary; `name` stands in for
+    /// the path in messages.
+    pub fn from_static(name: impl Into<PathBuf>, bytes: &'static [u8]) -> Result<Self> {
+        Self::parse(name.into(), Bytes::Static(bytes))
+    }
+
+    fn parse(path: PathBuf, bytes: Bytes) -> Result<Self> {
+        let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| classify(&path, &bytes, e))?;
         Ok(Self {
             path,
             data_start: HEADER_LEN_BYTES + header_len,
-            mmap,
+            bytes,
             header,
         })
+    }
+
+    /// Whether the file is a training-only teacher encoder.
+    pub fn is_teacher(&self) -> bool {
+        self.metadata()
+            .and_then(|m| m.get(ROLE_KEY))
+            .is_some_and(|r| r == ROLE_TEACHER)
     }
 
     /// The file this checkpoint was read from.
@@ -130,7 +171,7 @@ impl Checkpoint {
             });
         }
         let (start, end) = info.data_offsets;
-        let bytes = &self.mmap[self.data_start + start..self.data_start + end];
+        let bytes = &self.bytes[self.data_start + start..self.data_start + end];
         let values: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

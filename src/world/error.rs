@@ -27,6 +27,10 @@ pub enum WorldError {
         found: usize,
     },
 
+    /// The file is the EMA teacher a training run writes beside the model.
+    #[error("{}: this is the training-only EMA teacher encoder, not a world model; use the model_world_*.safetensors beside it (without _teacher)", path.display())]
+    Teacher { path: PathBuf },
+
     /// A tensor the forward pass needs is absent.
     #[error("{}: missing tensor `{name}`; is this a Tofy world-model checkpoint (model_world_*.safetensors)?", path.display())]
     MissingTensor { path: PathBuf, name: String },

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod default;
 mod error;
 pub mod tokenizer;
 pub mod vocab;
@@ -32,9 +33,20 @@ pub trait WorldBackend: Send + Sync {
     /// Short name for logs ("cpu").
     fn name(&self) -> &'static str;
 
-    /// Conditioning vectors `[batch.len(), bridge_dim]` for prompts already
-    /// mapped to ids; each holds between 1 and max_seq ids.
-    fn forward(&self, batch: &[&[u32]]) -> Result<Array2<f32>>;
+    /// The forward pass for prompts already mapped to ids; each holds
+    /// between 1 and max_seq ids.
+    fn forward(&self, batch: &[&[u32]]) -> Result<WorldOutputs>;
+}
+
+/// What the forward pass computes for a batch, one row per prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorldOutputs {
+    /// Pooled state latents `[N, dim]`.
+    pub state: Array2<f32>,
+    /// Predicted next latents `[N, dim]` (transition, action "reply").
+    pub next: Array2<f32>,
+    /// Conditioning vectors `[N, bridge_dim]`.
+    pub conditioning: Array2<f32>,
 }
 
 /// How to load a world model.
@@ -44,6 +56,9 @@ pub struct LoadOptions {
     pub overrides: WorldOverrides,
     /// CPU worker threads; `None` uses every available core.
     pub threads: Option<usize>,
+    /// Accept a training-only EMA teacher checkpoint (eval-world encodes
+    /// targets with it); refused otherwise, as it is not what users mean.
+    pub allow_teacher: bool,
 }
 
 /// One prompt's conditioning.
@@ -73,10 +88,43 @@ impl WorldModel {
         vocab: impl AsRef<Path>,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let ckpt = Checkpoint::open(model.as_ref())?;
-        let config = config::resolve(&ckpt, &options.overrides)?;
         let vocab_path = vocab.as_ref();
-        let vocab = Vocab::load(vocab_path)?;
+        Self::from_parts(
+            Checkpoint::open(model.as_ref())?,
+            vocab_path,
+            || Vocab::load(vocab_path),
+            options,
+        )
+    }
+
+    /// Loads the world model compiled into the binary ([`default`]).
+    pub fn load_default(options: &LoadOptions) -> Result<Self> {
+        let ckpt = Checkpoint::from_static(default::MODEL_PATH, default::MODEL)?;
+        let vocab_path = Path::new(default::VOCAB_PATH);
+        Self::from_parts(
+            ckpt,
+            vocab_path,
+            || Vocab::parse(vocab_path, default::VOCAB),
+            options,
+        )
+    }
+
+    /// Checks the checkpoint and the vocab against each other, then loads
+    /// the weights into the backend. The vocab is read only once the
+    /// checkpoint's sizes are known to be sound.
+    fn from_parts(
+        ckpt: Checkpoint,
+        vocab_path: &Path,
+        read_vocab: impl FnOnce() -> Result<Vocab>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        if ckpt.is_teacher() && !options.allow_teacher {
+            return Err(WorldError::Teacher {
+                path: ckpt.path().to_path_buf(),
+            });
+        }
+        let config = config::resolve(&ckpt, &options.overrides)?;
+        let vocab = read_vocab()?;
         if vocab.len() != config.vocab_size {
             return Err(WorldError::VocabMismatch {
                 vocab_path: vocab_path.to_path_buf(),
@@ -128,26 +176,44 @@ impl WorldModel {
             .collect()
     }
 
+    /// The full forward pass for encoded prompts, in forward calls of at
+    /// most [`MAX_BATCH`] prompts whose rows are concatenated.
+    pub fn forward(&self, encoded: &[Encoded]) -> Result<WorldOutputs> {
+        let mut parts = Vec::new();
+        for chunk in encoded.chunks(MAX_BATCH) {
+            let ids: Vec<&[u32]> = chunk.iter().map(|e| e.ids.as_slice()).collect();
+            parts.push(self.backend.forward(&ids)?);
+        }
+        let stack = |pick: fn(&WorldOutputs) -> &Array2<f32>, cols: usize| {
+            let views: Vec<_> = parts.iter().map(|p| pick(p).view()).collect();
+            if views.is_empty() {
+                Array2::zeros((0, cols))
+            } else {
+                ndarray::concatenate(ndarray::Axis(0), &views).expect("same widths")
+            }
+        };
+        let (d, b) = (self.config.dim, self.config.bridge_dim);
+        Ok(WorldOutputs {
+            state: stack(|p| &p.state, d),
+            next: stack(|p| &p.next, d),
+            conditioning: stack(|p| &p.conditioning, b),
+        })
+    }
+
     /// Conditioning vectors for many prompts; equal to calling
     /// [`WorldModel::condition`] on each, but batched through the backend.
     pub fn condition_batch<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Conditioned>> {
         let encoded = self.encode(prompts)?;
-        let mut out = Vec::with_capacity(encoded.len());
-        for chunk in encoded.chunks(MAX_BATCH) {
-            let ids: Vec<&[u32]> = chunk.iter().map(|e| e.ids.as_slice()).collect();
-            let vectors = self.backend.forward(&ids)?;
-            out.extend(
-                chunk
-                    .iter()
-                    .zip(vectors.outer_iter())
-                    .map(|(e, v)| Conditioned {
-                        tokens: e.ids.len(),
-                        total_tokens: e.total_tokens,
-                        vector: v.to_vec(),
-                    }),
-            );
-        }
-        Ok(out)
+        let outputs = self.forward(&encoded)?;
+        Ok(encoded
+            .iter()
+            .zip(outputs.conditioning.outer_iter())
+            .map(|(e, v)| Conditioned {
+                tokens: e.ids.len(),
+                total_tokens: e.total_tokens,
+                vector: v.to_vec(),
+            })
+            .collect())
     }
 
     /// The conditioning vector for one prompt.

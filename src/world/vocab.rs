@@ -32,6 +32,11 @@ impl Vocab {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| WorldError::io(path, e))?;
+        Self::parse(path, &bytes)
+    }
+
+    /// Parses the bytes of a vocab file; `path` names it in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let mut lines = Vec::new();
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
             let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -19,11 +19,11 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
-use super::WorldBackend;
 use super::checkpoint::Checkpoint;
 use super::config::WorldConfig;
 use super::error::{Result, WorldError};
 use super::vocab::PAD_ID;
+use super::{WorldBackend, WorldOutputs};
 
 /// LayerNorm epsilon of the reference implementation.
 const LN_EPS: f32 = 1e-5;
@@ -63,7 +63,7 @@ impl WorldBackend for CpuBackend {
         "cpu"
     }
 
-    fn forward(&self, batch: &[&[u32]]) -> Result<Array2<f32>> {
+    fn forward(&self, batch: &[&[u32]]) -> Result<WorldOutputs> {
         Ok(self.pool.install(|| self.model.forward(batch)))
     }
 }
@@ -84,11 +84,16 @@ impl Model {
         })
     }
 
-    /// `batch[i]` holds 1..=max_seq token ids; returns `[batch, bridge_dim]`.
-    fn forward(&self, batch: &[&[u32]]) -> Array2<f32> {
-        let latent = self.encoder.forward(batch);
-        let next = self.transition.forward(latent.view());
-        self.bridge.forward(next.view())
+    /// `batch[i]` holds 1..=max_seq token ids.
+    fn forward(&self, batch: &[&[u32]]) -> WorldOutputs {
+        let state = self.encoder.forward(batch);
+        let next = self.transition.forward(state.view());
+        let conditioning = self.bridge.forward(next.view());
+        WorldOutputs {
+            state,
+            next,
+            conditioning,
+        }
     }
 }
 

@@ -1,0 +1,250 @@
+//! `tofy prepare-chitchat`, `tofy train-world` and `tofy eval-world`: the
+//! data, training and evaluation commands for world models.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::WorldSizeArgs;
+use crate::data::{chitchat, pairs};
+use crate::eval::{self, EvalReport};
+use crate::world::{LoadOptions, WorldModel};
+
+/// Where `make data` unpacks the PyPI package `chitchat-dataset`.
+const DEFAULT_DATASET: &str = "data/chitchat/chitchat_dataset/dataset.json";
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Output pairs file; the held-out split is written beside it as `<name>.heldout.tsv`.
+    #[arg(default_value = "data/chitchat_pairs.tsv")]
+    out: PathBuf,
+    /// The corpus: `dataset.json` of the PyPI package chitchat-dataset (`make data` fetches it).
+    #[arg(long, default_value = DEFAULT_DATASET)]
+    dataset: PathBuf,
+}
+
+pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    let done = chitchat::prepare(&args.dataset, &args.out)?;
+    println!(
+        "{} conversations -> {} training pairs in {}, {} held-out pairs (every {}th conversation) in {}",
+        done.conversations,
+        done.train_pairs,
+        done.train_path.display(),
+        done.heldout_pairs,
+        chitchat::HELD_OUT_EVERY,
+        done.heldout_path.display()
+    );
+    Ok(())
+}
+
+/// The seed's positional order: steps batch dim max_seq num_layers num_heads max_vocab bridge_dim.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Pairs file: one `context<TAB>next_turn` (or `context|||next_turn`) per line.
+    pairs: PathBuf,
+    /// Optimiser steps.
+    #[arg(default_value_t = 2000)]
+    steps: usize,
+    /// Pairs per step.
+    #[arg(default_value_t = 32)]
+    batch: usize,
+    /// Encoder width.
+    #[arg(default_value_t = 368)]
+    dim: usize,
+    /// Tokens read per text.
+    #[arg(default_value_t = 128)]
+    max_seq: usize,
+    /// Encoder blocks.
+    #[arg(default_value_t = 4)]
+    num_layers: usize,
+    /// Attention heads (must divide dim).
+    #[arg(default_value_t = 8)]
+    num_heads: usize,
+    /// Most frequent tokens kept, besides <pad>, <unk>, <mask>.
+    #[arg(default_value_t = 8000)]
+    max_vocab: usize,
+    /// Length of the conditioning vector.
+    #[arg(default_value_t = 256)]
+    bridge_dim: usize,
+    /// Peak learning rate (AdamW, linear warm-up then cosine decay).
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Weight of the VICReg variance term that keeps latents from collapsing (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    var_weight: f64,
+    /// Weight of the VICReg covariance term that decorrelates latent dimensions.
+    #[arg(long, default_value_t = 0.04)]
+    cov_weight: f64,
+    /// Start from the encoder.* tensors of this checkpoint (and the vocab_world.txt beside it).
+    #[arg(long, value_name = "PATH")]
+    init_encoder: Option<PathBuf>,
+    /// Held-out pairs for the logged cosine [default: <pairs>.heldout.tsv if present].
+    #[arg(long, value_name = "PATH")]
+    heldout: Option<PathBuf>,
+    /// Seed of the initial weights and of batch sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder for model_world_<size>.safetensors, its _teacher twin and vocab_world.txt.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Log train and held-out transition cosine every N steps.
+    #[arg(long, default_value_t = 100)]
+    log_every: usize,
+}
+
+#[cfg(feature = "train")]
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let config = crate::train::TrainConfig {
+        pairs: args.pairs,
+        steps: args.steps,
+        batch: args.batch,
+        dim: args.dim,
+        max_seq: args.max_seq,
+        num_layers: args.num_layers,
+        num_heads: args.num_heads,
+        max_vocab: args.max_vocab,
+        bridge_dim: args.bridge_dim,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        var_weight: args.var_weight,
+        cov_weight: args.cov_weight,
+        init_encoder: args.init_encoder,
+        heldout: args.heldout,
+        seed: args.seed,
+        out: args.out,
+        log_every: args.log_every,
+        progress: true,
+    };
+    let report = crate::train::train(&config)?;
+    println!(
+        "trained {} in {:.0} s: loss {:.4} -> {:.4}; wrote {}, {}, {}",
+        report.config.summary(),
+        report.seconds,
+        report.losses.first().copied().unwrap_or(f32::NAN),
+        report.losses.last().copied().unwrap_or(f32::NAN),
+        report.model_path.display(),
+        report.teacher_path.display(),
+        report.vocab_path.display()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "train"))]
+pub fn train(_: TrainArgs) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this tofy was built without training support; rebuild with `cargo build --release --features train`"
+    )
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// World-model checkpoint (model_world_*.safetensors).
+    model: PathBuf,
+    /// Its vocabulary (vocab_world.txt).
+    vocab: PathBuf,
+    /// Held-out pairs file (e.g. data/chitchat_pairs.heldout.tsv).
+    pairs: PathBuf,
+    #[command(flatten)]
+    sizes: WorldSizeArgs,
+    /// EMA teacher that encodes the next turns, as in training
+    /// [default: <model>_teacher.safetensors beside the model, if present].
+    #[arg(long, value_name = "PATH")]
+    teacher: Option<PathBuf>,
+    /// Encode next turns with the model's own encoder even if a teacher is present.
+    #[arg(long, conflicts_with = "teacher")]
+    no_teacher: bool,
+    /// Evaluate at most this many pairs (the first ones of the file).
+    #[arg(long, default_value_t = 2000)]
+    max_pairs: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
+    let options = LoadOptions {
+        overrides: args.sizes.into(),
+        ..Default::default()
+    };
+    let model = WorldModel::load(&args.model, &args.vocab, &options)?;
+    let beside = teacher_beside(&args.model).filter(|p| p.exists());
+    let teacher_path = if args.no_teacher {
+        None
+    } else {
+        args.teacher.or(beside)
+    };
+    let teacher = match &teacher_path {
+        Some(path) => Some(WorldModel::load(
+            path,
+            &args.vocab,
+            &LoadOptions {
+                allow_teacher: true,
+                ..options
+            },
+        )?),
+        None => None,
+    };
+    let pairs = pairs::read(&args.pairs)?;
+    let report = eval::evaluate(
+        &model,
+        teacher.as_ref().unwrap_or(&model),
+        &pairs,
+        args.max_pairs,
+    )?;
+    let targets = teacher_path.map_or("the model's own encoder".to_string(), |p| {
+        p.display().to_string()
+    });
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "next turns encoded by {targets}")?;
+        write!(out, "{}", render(&report))?;
+    }
+    Ok(())
+}
+
+/// `model_world_X_teacher.safetensors` for `model_world_X.safetensors`.
+fn teacher_beside(model: &std::path::Path) -> Option<PathBuf> {
+    let stem = model.file_stem()?.to_str()?;
+    Some(model.with_file_name(format!("{stem}_teacher.safetensors")))
+}
+
+/// The report as a small table for people.
+pub fn render(r: &EvalReport) -> String {
+    format!(
+        "held-out pairs: {}\n\
+         next-turn latent        cosine    L2\n\
+         \x20 transition (model)   {:>7.4}  {:>7.4}\n\
+         \x20 copy baseline        {:>7.4}  {:>7.4}\n\
+         \x20 mean baseline        {:>7.4}  {:>7.4}\n\
+         latents: per-dim std mean {:.4}, min {:.4}; effective rank {:.1} of {}\n\
+         retrieval of the true next turn among {}   top-1    top-5\n\
+         \x20 model                {:>7.3}  {:>7.3}\n\
+         \x20 copy baseline        {:>7.3}  {:>7.3}\n\
+         \x20 chance               {:>7.3}  {:>7.3}\n",
+        r.pairs,
+        r.transition.cosine,
+        r.transition.l2,
+        r.copy_baseline.cosine,
+        r.copy_baseline.l2,
+        r.mean_baseline.cosine,
+        r.mean_baseline.l2,
+        r.latent_std_mean,
+        r.latent_std_min,
+        r.effective_rank,
+        r.dim,
+        r.candidates,
+        r.retrieval_model.top1,
+        r.retrieval_model.top5,
+        r.retrieval_copy.top1,
+        r.retrieval_copy.top5,
+        r.retrieval_chance.top1,
+        r.retrieval_chance.top5,
+    )
+}

@@ -1,0 +1,104 @@
+//! `tofy prepare-chitchat`: turns the chitchat corpus (PyPI
+//! `chitchat-dataset`, MIT, `chitchat_dataset/dataset.json`) into pairs.
+//!
+//! The file is a JSON object of conversations keyed by id, each
+//! `{"messages": [[{"text", "timestamp", "sender"}, ...], ...]}` with one
+//! inner list per speaker turn. A turn's messages are joined by spaces; each
+//! turn is the context of the next. Conversations are taken in key order
+//! (deterministic), and every [`HELD_OUT_EVERY`]th one goes to the held-out
+//! file, so evaluation never sees a training dialogue.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::DataError;
+use super::pairs::{self, Pair};
+
+/// One conversation in this many is held out.
+pub const HELD_OUT_EVERY: usize = 20;
+
+#[derive(Deserialize)]
+struct Conversation {
+    messages: Vec<Vec<Message>>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    text: String,
+}
+
+/// Counts of what [`prepare`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub train_path: PathBuf,
+    pub heldout_path: PathBuf,
+    pub conversations: usize,
+    pub train_pairs: usize,
+    pub heldout_pairs: usize,
+}
+
+/// The held-out file that goes beside `out`: `x.tsv` → `x.heldout.tsv`.
+pub fn heldout_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tsv".into());
+    out.with_file_name(format!("{stem}.heldout.{ext}"))
+}
+
+/// Reads `dataset` and writes the training pairs to `out` and the held-out
+/// pairs beside it (see [`heldout_path`]).
+pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
+    let bytes = std::fs::read(dataset).map_err(|e| DataError::io(dataset, e))?;
+    let conversations: BTreeMap<String, Conversation> =
+        serde_json::from_slice(&bytes).map_err(|e| DataError::Chitchat {
+            path: dataset.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for (i, conversation) in conversations.values().enumerate() {
+        let turns: Vec<String> = conversation
+            .messages
+            .iter()
+            .map(|turn| {
+                turn.iter()
+                    .map(|m| m.text.trim())
+                    .filter(|t| !t.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|t| !t.is_empty())
+            .collect();
+        let target = if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
+            &mut heldout
+        } else {
+            &mut train
+        };
+        target.extend(turns.windows(2).map(|w| Pair {
+            context: w[0].clone(),
+            next: w[1].clone(),
+        }));
+    }
+    if train.is_empty() {
+        return Err(DataError::Chitchat {
+            path: dataset.to_path_buf(),
+            reason: "it holds no conversation with two turns".into(),
+        });
+    }
+    let heldout_path = heldout_path(out);
+    pairs::write(out, &train)?;
+    pairs::write(&heldout_path, &heldout)?;
+    Ok(Prepared {
+        train_path: out.to_path_buf(),
+        heldout_path,
+        conversations: conversations.len(),
+        train_pairs: train.len(),
+        heldout_pairs: heldout.len(),
+    })
+}

@@ -1,0 +1,62 @@
+//! Conversation data for training and evaluating world models: the
+//! `context<TAB>next_turn` pairs files ([`pairs`]) and the converter from the
+//! chitchat corpus ([`chitchat`]).
+
+pub mod chitchat;
+pub mod pairs;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Errors reading or writing data files; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read or written.
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+
+    /// A line of a pairs file is not `context<TAB>next` or `context|||next`.
+    #[error("{}: line {line} has no tab or `|||` between context and next turn", path.display())]
+    NoSeparator { path: PathBuf, line: usize },
+
+    /// A pairs file holds no usable pair.
+    #[error("{}: no valid `context<TAB>next_turn` line (empty lines and lines with an empty side are skipped)", path.display())]
+    NoPairs { path: PathBuf },
+
+    /// The chitchat dataset is not in the expected shape.
+    #[error("{}: not a chitchat dataset.json: {reason}", path.display())]
+    Chitchat { path: PathBuf, reason: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, error: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
+}
+
+/// Writes `path` atomically: the bytes go to a temporary sibling that is
+/// renamed over `path` only once complete, so no reader ever sees half a file.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), DataError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| DataError::io(path, e))?;
+    {
+        let mut out = std::io::BufWriter::new(tmp.as_file_mut());
+        write(&mut out).map_err(|e| DataError::io(path, e))?;
+        out.flush().map_err(|e| DataError::io(path, e))?;
+    }
+    tmp.persist(path)
+        .map_err(|e| DataError::io(path, e.error))?;
+    Ok(())
+}

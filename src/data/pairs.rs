@@ -1,0 +1,110 @@
+//! Pairs files: one `context<TAB>next_turn` (or `context|||next_turn`) per
+//! line, the training and evaluation data of the world model.
+
+use std::path::Path;
+
+use super::{DataError, write_atomic};
+
+/// A context and the turn that followed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub context: String,
+    pub next: String,
+}
+
+/// Reads a pairs file. Empty lines and pairs with an empty side are
+/// skipped; a non-empty line without a separator is an error naming it.
+pub fn read(path: &Path) -> Result<Vec<Pair>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (context, next) = line
+            .split_once('\t')
+            .or_else(|| line.split_once("|||"))
+            .ok_or(DataError::NoSeparator {
+                path: path.to_path_buf(),
+                line: i + 1,
+            })?;
+        let (context, next) = (context.trim(), next.trim());
+        if !context.is_empty() && !next.is_empty() {
+            pairs.push(Pair {
+                context: context.to_string(),
+                next: next.to_string(),
+            });
+        }
+    }
+    if pairs.is_empty() {
+        return Err(DataError::NoPairs {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(pairs)
+}
+
+/// Writes pairs as `context<TAB>next` lines, atomically. Tabs and line
+/// breaks inside a turn become spaces so that every pair stays one line.
+pub fn write(path: &Path, pairs: &[Pair]) -> Result<(), DataError> {
+    write_atomic(path, |out| {
+        for p in pairs {
+            writeln!(out, "{}\t{}", one_line(&p.context), one_line(&p.next))?;
+        }
+        Ok(())
+    })
+}
+
+fn one_line(text: &str) -> String {
+    text.split(['\t', '\n', '\r'])
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_separators_and_skips_empties() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.tsv");
+        std::fs::write(
+            &path,
+            "hi\thello there\n\n  \nhow are you|||fine thanks\n\tno context\n",
+        )
+        .unwrap();
+        let pairs = read(&path).unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[1].context, "how are you");
+        assert_eq!(pairs[1].next, "fine thanks");
+    }
+
+    #[test]
+    fn a_line_without_separator_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.tsv");
+        std::fs::write(&path, "a\tb\njust text\n").unwrap();
+        assert!(
+            read(&path)
+                .unwrap_err()
+                .to_string()
+                .ends_with("line 2 has no tab or `|||` between context and next turn")
+        );
+        std::fs::write(&path, "\n\n").unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("no valid"));
+    }
+
+    #[test]
+    fn write_keeps_each_pair_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.tsv");
+        let pairs = vec![Pair {
+            context: "a\tb\nc".into(),
+            next: "d\r\ne".into(),
+        }];
+        write(&path, &pairs).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a b c\td e\n");
+    }
+}

@@ -1,0 +1,401 @@
+//! Training (feature `train`): candle vs ndarray forward, a short real
+//! training run, reloading what it wrote, `--init-encoder`, the chitchat
+//! converter, eval-world, and the trainer's bad-input errors.
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::Device;
+use common::{max_relative_error, write_checkpoint};
+use tofy::data::pairs::{self, Pair};
+use tofy::train::model::{load_checkpoint, pad_ids};
+use tofy::train::{TrainConfig, TrainReport, train};
+use tofy::world::{Checkpoint, LoadOptions, WorldConfig, WorldModel};
+
+fn config(
+    dim: usize,
+    num_layers: usize,
+    num_heads: usize,
+    max_seq: usize,
+    vocab_size: usize,
+    bridge_dim: usize,
+) -> WorldConfig {
+    WorldConfig {
+        dim,
+        num_layers,
+        num_heads,
+        max_seq,
+        vocab_size,
+        bridge_dim,
+    }
+}
+
+#[test]
+fn candle_forward_matches_ndarray_forward() {
+    let prompts = [
+        "hello world",
+        "Hi, it's 5pm!",
+        "write a short gpu recommendation, é?",
+        "tok3 tok4 tok5 tok6 tok7 tok8 tok9 tok10 tok11 tok12 tok13 tok14 tok15 tok16 tok17 tok18 tok19",
+    ];
+    for cfg in [
+        config(64, 2, 8, 32, 40, 256),
+        config(48, 3, 6, 16, 50, 24),
+        config(96, 1, 12, 8, 64, 100),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let w = write_checkpoint(dir.path(), &cfg, 21, true);
+        let model = WorldModel::load(&w.model, &w.vocab, &LoadOptions::default()).unwrap();
+        let encoded = model.encode(&prompts).unwrap();
+        let ids: Vec<&[u32]> = encoded.iter().map(|e| e.ids.as_slice()).collect();
+        let lens: Vec<usize> = ids.iter().map(|i| i.len()).collect();
+        let candle = load_checkpoint(&w.model, &cfg).unwrap();
+        let got = candle
+            .forward(&pad_ids(&ids, cfg.max_seq, &Device::Cpu).unwrap(), &lens)
+            .unwrap();
+        let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+        let ours = model.condition_batch(&prompts).unwrap();
+        for ((c, o), p) in got.iter().zip(&ours).zip(prompts) {
+            let want: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+            let err = max_relative_error(&o.vector, &want);
+            assert!(
+                err <= 1e-5,
+                "{cfg:?} {p:?}: ndarray vs candle max relative error {err:e}"
+            );
+        }
+    }
+}
+
+/// A small corpus with structure to learn: the reply to a greeting is a
+/// greeting, to a question about food an answer about food, and so on.
+fn tiny_corpus(dir: &Path) -> std::path::PathBuf {
+    let topics = [
+        ("hello there how are you", "i am fine thanks and you"),
+        ("what did you eat today", "i had pasta and a salad"),
+        ("do you like football", "yes i watch every game"),
+        ("where do you live", "i live in a small town"),
+        ("what music do you like", "mostly jazz and some rock"),
+    ];
+    let pairs: Vec<Pair> = (0..200)
+        .map(|i| {
+            let (c, n) = topics[i % topics.len()];
+            Pair {
+                context: format!("{c} {}", i % 7),
+                next: format!("{n} {}", i % 3),
+            }
+        })
+        .collect();
+    let path = dir.join("pairs.tsv");
+    pairs::write(&path, &pairs).unwrap();
+    path
+}
+
+fn tiny_config(pairs: &Path, out: &Path) -> TrainConfig {
+    TrainConfig {
+        pairs: pairs.to_path_buf(),
+        steps: 40,
+        batch: 16,
+        dim: 32,
+        max_seq: 16,
+        num_layers: 1,
+        num_heads: 4,
+        max_vocab: 100,
+        bridge_dim: 16,
+        lr: 3e-3,
+        weight_decay: 0.01,
+        var_weight: 1.0,
+        cov_weight: 0.04,
+        init_encoder: None,
+        heldout: None,
+        seed: 5,
+        out: out.to_path_buf(),
+        log_every: 10,
+        progress: false,
+    }
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = Checkpoint::open(path).unwrap();
+    let mut names = ckpt.names();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let shape = ckpt.shape(&n).unwrap().to_vec();
+            let values = match *shape.as_slice() {
+                [r, c] => ckpt.matrix(&n, r, c).unwrap().into_raw_vec_and_offset().0,
+                [l] => ckpt.vector(&n, l).unwrap().to_vec(),
+                _ => unreachable!(),
+            };
+            (n, values)
+        })
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_trains_every_layer_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let out = dir.path().join("out");
+    let cfg = tiny_config(&corpus, &out);
+    let report: TrainReport = train(&cfg).unwrap();
+    let mean = |xs: &[f32]| xs.iter().sum::<f32>() / xs.len() as f32;
+    let (first, last) = (mean(&report.losses[..5]), mean(&report.losses[35..]));
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+    assert_eq!(report.log.len(), 4, "a log line every 10 steps");
+
+    // Every trained tensor moved away from its initial value (a fused op
+    // without a backward pass once silently froze the whole encoder).
+    let trained = tensors(&report.model_path);
+    let mut one_step = cfg.clone();
+    one_step.steps = 1;
+    one_step.lr = 1e-9;
+    one_step.out = dir.path().join("init");
+    let initial = tensors(&train(&one_step).unwrap().model_path);
+    for ((name, t), (_, i)) in trained.iter().zip(&initial) {
+        let moved = t
+            .iter()
+            .zip(i)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if name.starts_with("decoder_bridge") {
+            assert!(
+                moved < 1e-6,
+                "{name}: the bridge is not trained by this recipe"
+            );
+        } else {
+            assert!(moved > 1e-4, "{name} did not train (max change {moved:e})");
+        }
+    }
+
+    // The written files load in the inference path with no size arguments.
+    let model = WorldModel::load(
+        &report.model_path,
+        &report.vocab_path,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(model.config(), &report.config);
+    assert_eq!(model.config().max_seq, 16);
+    assert_eq!(model.config().num_heads, 4);
+    let v = model.condition("hello there how are you").unwrap();
+    assert_eq!(v.vector.len(), 16);
+
+    // The teacher beside it is not mistaken for a model.
+    assert!(
+        report
+            .teacher_path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .ends_with("_teacher.safetensors")
+    );
+    let err = WorldModel::load(
+        &report.teacher_path,
+        &report.vocab_path,
+        &LoadOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("training-only EMA teacher"),
+        "{err}"
+    );
+    let meta = Checkpoint::open(&report.model_path)
+        .unwrap()
+        .metadata()
+        .cloned()
+        .unwrap();
+    assert_eq!(meta["steps"], "40");
+    assert_eq!(meta["data_sha256"].len(), 64);
+}
+
+#[test]
+fn init_encoder_loads_the_encoder_and_rejects_other_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let base = train(&tiny_config(&corpus, &dir.path().join("a"))).unwrap();
+
+    let mut cfg = tiny_config(&corpus, &dir.path().join("b"));
+    cfg.init_encoder = Some(base.model_path.clone());
+    cfg.steps = 1;
+    cfg.lr = 1e-9;
+    cfg.seed = 99;
+    let warm = train(&cfg).unwrap();
+    for ((name, a), (_, b)) in tensors(&base.model_path)
+        .iter()
+        .zip(&tensors(&warm.model_path))
+    {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        if name.starts_with("encoder.") {
+            assert!(
+                diff < 1e-5,
+                "{name} was not loaded from --init-encoder (diff {diff:e})"
+            );
+        } else if name.starts_with("world_transition.fc") {
+            assert!(diff > 1e-3, "{name} should be freshly initialised");
+        }
+    }
+
+    let mut wrong = tiny_config(&corpus, &dir.path().join("c"));
+    wrong.init_encoder = Some(base.model_path.clone());
+    wrong.dim = 64;
+    let err = train(&wrong).err().unwrap().to_string();
+    assert!(
+        err.contains("encoder.") && err.contains("has shape") && err.contains("expected"),
+        "{err}"
+    );
+}
+
+#[test]
+fn prepare_chitchat_on_a_synthetic_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = |t: &str| serde_json::json!({"text": t, "timestamp": "2018-01-01T00:00:00Z", "sender": "x"});
+    let mut conversations = serde_json::Map::new();
+    for i in 0..20 {
+        let turns = serde_json::json!([
+            [msg(&format!("hi {i}")), msg("there")],
+            [msg("hello")],
+            [msg("  "), msg("bye\tnow")]
+        ]);
+        conversations.insert(format!("c{i:02}"), serde_json::json!({ "messages": turns }));
+    }
+    let dataset = dir.path().join("dataset.json");
+    std::fs::write(&dataset, serde_json::to_string(&conversations).unwrap()).unwrap();
+    let out = dir.path().join("pairs.tsv");
+    let done = tofy::data::chitchat::prepare(&dataset, &out).unwrap();
+    assert_eq!(
+        (done.conversations, done.train_pairs, done.heldout_pairs),
+        (20, 38, 2)
+    );
+    let train_text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        train_text.starts_with("hi 0 there\thello\nhello\tbye now\nhi 1 there\thello\n"),
+        "{train_text}"
+    );
+    let held = std::fs::read_to_string(dir.path().join("pairs.heldout.tsv")).unwrap();
+    assert_eq!(
+        held, "hi 19 there\thello\nhello\tbye now\n",
+        "every 20th conversation is held out"
+    );
+}
+
+#[test]
+fn eval_world_scores_against_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let report = train(&tiny_config(&corpus, &dir.path().join("m"))).unwrap();
+    let model = WorldModel::load(
+        &report.model_path,
+        &report.vocab_path,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    // Pairs whose next turn is the context itself: the copy baseline is
+    // then perfect, which pins down the metric definitions.
+    let same: Vec<Pair> = (0..30)
+        .map(|i| Pair {
+            context: format!("hello there {i} how are you {}", i * 7),
+            next: format!("hello there {i} how are you {}", i * 7),
+        })
+        .collect();
+    let r = tofy::eval::evaluate(&model, &model, &same, 1000).unwrap();
+    assert_eq!((r.pairs, r.candidates), (30, 30));
+    assert!((r.copy_baseline.cosine - 1.0).abs() < 1e-6 && r.copy_baseline.l2 < 1e-5);
+    assert_eq!(r.retrieval_copy.top1, 1.0);
+    assert!((r.retrieval_chance.top1 - 1.0 / 30.0).abs() < 1e-12);
+    assert!(r.effective_rank >= 1.0 && r.effective_rank <= 32.0);
+    assert!(r.latent_std_min > 0.0 && r.latent_std_min <= r.latent_std_mean);
+    assert!((-1.0..=1.0).contains(&r.transition.cosine));
+}
+
+fn tofy(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn one_error_line(out: std::process::Output) -> String {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
+#[test]
+fn train_world_bad_input_is_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    let out_s = out.display().to_string();
+    let corpus = tiny_corpus(d);
+    let corpus_s = corpus.display().to_string();
+
+    let empty = d.join("empty.tsv");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = one_error_line(tofy(&[
+        "train-world",
+        empty.to_str().unwrap(),
+        "--out",
+        &out_s,
+    ]));
+    assert!(e.contains("no valid `context<TAB>next_turn` line"), "{e}");
+
+    let bad = d.join("bad.tsv");
+    std::fs::write(&bad, "a\tb\nno separator here\n").unwrap();
+    let e = one_error_line(tofy(&[
+        "train-world",
+        bad.to_str().unwrap(),
+        "--out",
+        &out_s,
+    ]));
+    assert!(e.contains("bad.tsv: line 2 has no tab or `|||`"), "{e}");
+
+    let e = one_error_line(tofy(&["train-world", &corpus_s, "0", "--out", &out_s]));
+    assert!(e.contains("steps must be at least 1"), "{e}");
+
+    let e = one_error_line(tofy(&[
+        "train-world",
+        &corpus_s,
+        "5",
+        "4",
+        "30",
+        "16",
+        "1",
+        "4",
+        "--out",
+        &out_s,
+    ]));
+    assert!(e.contains("dim 30 is not divisible by num_heads 4"), "{e}");
+
+    let blocker = d.join("a_file");
+    std::fs::write(&blocker, "not a folder").unwrap();
+    let under_file = blocker.join("out").display().to_string();
+    let e = one_error_line(tofy(&[
+        "train-world",
+        &corpus_s,
+        "5",
+        "4",
+        "32",
+        "16",
+        "1",
+        "4",
+        "--out",
+        &under_file,
+    ]));
+    assert!(e.contains("output folder is not writable"), "{e}");
+
+    assert!(
+        !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(),
+        "nothing written on failure"
+    );
+}
