@@ -166,7 +166,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     )?;
     let mut teacher_weights: HashMap<String, Tensor> = encoder_vars(&varmap)
         .into_iter()
-        .map(|(name, var)| Ok((name, var.as_tensor().copy()?)))
+        .map(|(name, var)| Ok((name, var.as_tensor().detach().copy()?)))
         .collect::<Result<_, candle_core::Error>>()?;
 
     let params = ParamsAdamW {
@@ -396,7 +396,10 @@ fn update_teacher(
 ) -> Result<(), candle_core::Error> {
     for (name, var) in encoder_vars(varmap) {
         let old = &teacher[&name];
-        let new = ((old * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
+        // Detached: otherwise each update would keep the previous teacher
+        // alive through candle's op graph, and memory grows every step
+        // (a 2000-step run was OOM-killed at 24 GB).
+        let new = ((old * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?.detach();
         teacher.insert(name, new);
     }
     Ok(())
