@@ -9,29 +9,11 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::Device;
-use common::{max_relative_error, write_checkpoint};
+use common::{config, max_relative_error, write_checkpoint};
 use tofy::data::pairs::{self, Pair};
 use tofy::train::model::{load_checkpoint, pad_ids};
 use tofy::train::{TrainConfig, TrainReport, train};
-use tofy::world::{Checkpoint, LoadOptions, WorldConfig, WorldModel};
-
-fn config(
-    dim: usize,
-    num_layers: usize,
-    num_heads: usize,
-    max_seq: usize,
-    vocab_size: usize,
-    bridge_dim: usize,
-) -> WorldConfig {
-    WorldConfig {
-        dim,
-        num_layers,
-        num_heads,
-        max_seq,
-        vocab_size,
-        bridge_dim,
-    }
-}
+use tofy::world::{Checkpoint, LoadOptions, WorldModel};
 
 #[test]
 fn candle_forward_matches_ndarray_forward() {

@@ -3,28 +3,10 @@
 
 mod common;
 
-use common::{max_relative_error, reference_forward, reference_ids, write_checkpoint};
+use common::{config, max_relative_error, reference_forward, reference_ids, write_checkpoint};
 use tofy::world::{LoadOptions, WorldConfig, WorldModel, WorldOverrides};
 
 const TOLERANCE: f64 = 1e-5;
-
-fn config(
-    dim: usize,
-    num_layers: usize,
-    num_heads: usize,
-    max_seq: usize,
-    vocab_size: usize,
-    bridge_dim: usize,
-) -> WorldConfig {
-    WorldConfig {
-        dim,
-        num_layers,
-        num_heads,
-        max_seq,
-        vocab_size,
-        bridge_dim,
-    }
-}
 
 const PROMPTS: &[&str] = &[
     "hello world",

@@ -30,6 +30,25 @@ impl Rng {
     }
 }
 
+/// A `WorldConfig` from its six sizes, in the seed's argument order.
+pub fn config(
+    dim: usize,
+    num_layers: usize,
+    num_heads: usize,
+    max_seq: usize,
+    vocab_size: usize,
+    bridge_dim: usize,
+) -> WorldConfig {
+    WorldConfig {
+        dim,
+        num_layers,
+        num_heads,
+        max_seq,
+        vocab_size,
+        bridge_dim,
+    }
+}
+
 /// Words every random vocab holds, so test prompts hit real ids.
 pub const KNOWN_WORDS: &[&str] = &[
     "hello", "world", ",", "!", "it's", "5pm", "Hi", "gpu", "a", "short", "write", "é", "?", "the",
