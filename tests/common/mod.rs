@@ -1,6 +1,7 @@
 //! Shared test helpers: random world-model checkpoints written with the
 //! `safetensors` crate, and an independent float64 reference forward pass
-//! written from ../shared/specs/world-checkpoint.md with plain loops.
+//! written from ../shared/specs/world-checkpoint.md with plain loops; the
+//! real decoder model and the one-error-line check for the CLI tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
@@ -242,4 +243,35 @@ pub fn max_relative_error(got: &[f32], want: &[f64]) -> f64 {
 /// Path to the committed seed-format fixture.
 pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed-tiny")
+}
+
+/// The real default decoder model, fetched by `make test` (scripts/fetch-gguf.sh).
+/// `TOFY_TEST_GGUF` points the tests at another GGUF.
+pub fn smollm2() -> PathBuf {
+    let path = std::env::var_os("TOFY_TEST_GGUF").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make models` (scripts/fetch-gguf.sh) before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A failing command's single stderr line (which must start with `error: `);
+/// nothing may have been printed on stdout.
+pub fn fails(out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got stdout {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one error line, got {stderr:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_string()
 }

@@ -1,0 +1,365 @@
+//! `tofy infer-agent` (prompt → world model → conditioned decoder → reply
+//! streamed to stdout) and `tofy doctor` (what would be used, and what to
+//! fix).
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use super::decoder_args::DecoderArgs;
+use super::{WorldSizeArgs, WorldSpec, split_world};
+use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
+use crate::decoder::{self, BackendKind, DecoderConfig, FinishReason, discovery};
+use crate::engine::{AgentReply, AgentRequest, Engine};
+use crate::world::{LoadOptions, WorldModel, WorldOverrides};
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// `[MODEL VOCAB] PROMPT [DIM MAX_SEQ LAYERS HEADS BRIDGE_DIM MAX_NEW_TOKENS]`, the seed's
+    /// order. Without MODEL VOCAB the embedded default world model reads the prompt; the
+    /// sizes are checked against the checkpoint; MAX_NEW_TOKENS defaults to 4096 (bounded
+    /// by the context).
+    #[arg(required = true, value_name = "ARGS", allow_negative_numbers = true)]
+    inputs: Vec<String>,
+    #[command(flatten)]
+    sizes: WorldSizeArgs,
+    /// Replace the conditioning vector with zeros (to see what it changes).
+    #[arg(long)]
+    ablate_conditioning: bool,
+    /// Most tokens to generate (the positional MAX_NEW_TOKENS; this flag wins).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_new_tokens: Option<u32>,
+    /// Stop the reply before this string (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Print one JSON object (reply, backend, model, conditioning, token counts, timings)
+    /// instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    decoder: DecoderArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// `[MODEL VOCAB]`: a world model to check instead of the embedded default.
+    #[arg(value_name = "MODEL VOCAB", num_args = 0..=2)]
+    world: Vec<String>,
+    #[command(flatten)]
+    decoder: DecoderArgs,
+}
+
+/// The seed's positional tail after the prompt.
+const POSITIONAL_NAMES: [&str; 6] = [
+    "dim",
+    "max_seq",
+    "layers",
+    "heads",
+    "bridge_dim",
+    "max_new_tokens",
+];
+
+/// The prompt, the positional size overrides and max_new_tokens.
+struct Positional<'a> {
+    prompt: &'a str,
+    overrides: WorldOverrides,
+    max_new_tokens: usize,
+}
+
+fn positional(rest: &[String]) -> anyhow::Result<Positional<'_>> {
+    let (prompt, numbers) = rest
+        .split_first()
+        .context("no prompt given; usage: tofy infer-agent [MODEL VOCAB] PROMPT [DIM MAX_SEQ LAYERS HEADS BRIDGE_DIM MAX_NEW_TOKENS]")?;
+    anyhow::ensure!(
+        numbers.len() <= POSITIONAL_NAMES.len(),
+        "too many arguments after the prompt: '{}' (expected at most DIM MAX_SEQ LAYERS HEADS BRIDGE_DIM MAX_NEW_TOKENS; quote a prompt that has spaces)",
+        numbers[POSITIONAL_NAMES.len()..].join(" ")
+    );
+    let mut values = [None; 6];
+    for (i, (text, name)) in numbers.iter().zip(POSITIONAL_NAMES).enumerate() {
+        let value: usize = text
+            .parse()
+            .ok()
+            .filter(|&v| v > 0)
+            .with_context(|| format!("{name} '{text}' is not a positive whole number"))?;
+        values[i] = Some(value);
+    }
+    Ok(Positional {
+        prompt,
+        overrides: WorldOverrides {
+            dim: values[0],
+            max_seq: values[1],
+            num_layers: values[2],
+            num_heads: values[3],
+            bridge_dim: values[4],
+        },
+        max_new_tokens: values[5].unwrap_or(DEFAULT_MAX_NEW_TOKENS),
+    })
+}
+
+/// Flags win over positional sizes when both are given.
+fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldOverrides {
+    WorldOverrides {
+        dim: flags.dim.or(positional.dim),
+        max_seq: flags.max_seq.or(positional.max_seq),
+        num_layers: flags.num_layers.or(positional.num_layers),
+        num_heads: flags.num_heads.or(positional.num_heads),
+        bridge_dim: flags.bridge_dim.or(positional.bridge_dim),
+    }
+}
+
+/// Opens the configured decoder and says on stderr what the user should
+/// know about it (an ignored NGL, the stub's advice).
+fn open_decoder(config: &DecoderConfig) -> anyhow::Result<Box<dyn decoder::Decoder>> {
+    let decoder = decoder::open(config)?;
+    if decoder.backend() == BackendKind::Llama
+        && config.ngl > 0
+        && !decoder::llama::gpu_offload_supported()
+    {
+        eprintln!(
+            "note: JEPA_DECODER_NGL={} ignored: this build of llama.cpp has no GPU backend (CPU only)",
+            config.ngl
+        );
+    }
+    if decoder.backend() == BackendKind::Stub {
+        eprintln!("{}", decoder::STUB_ADVICE);
+    }
+    Ok(decoder)
+}
+
+pub fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let (spec, rest) = split_world(&args.inputs)?;
+    let pos = positional(rest)?;
+    let options = LoadOptions {
+        overrides: merge(args.sizes.into(), pos.overrides),
+        ..Default::default()
+    };
+    let world = spec.load(&options)?;
+    let config = args.decoder.config();
+    let decoder = open_decoder(&config)?;
+    let mut engine = Engine::new(world, decoder, args.decoder.cond_format);
+    let request = AgentRequest {
+        prompt: pos.prompt.to_string(),
+        max_new_tokens: args
+            .max_new_tokens
+            .map_or(pos.max_new_tokens, |n| n as usize),
+        ablate_conditioning: args.ablate_conditioning,
+        sampling: config.sampling.clone(),
+        stop: args.stop.clone(),
+    };
+
+    if args.json {
+        let reply = engine.infer(&request, &mut |_| ControlFlow::Continue(()))?;
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &JsonReply::new(&engine, &reply))?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let mut write_error = None;
+    let reply = engine.infer(&request, &mut |piece| {
+        // Each piece is flushed as it comes: the point is to watch it stream.
+        match out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(err) => {
+                write_error = Some(err);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(err) = write_error {
+        return Err(err).context("writing the reply to stdout");
+    }
+    writeln!(out)?;
+    if reply.generation.finish_reason == FinishReason::Length {
+        eprintln!(
+            "note: the reply stopped at {} tokens (max_new_tokens or the end of the context)",
+            reply.generation.completion_tokens
+        );
+    }
+    Ok(())
+}
+
+/// `--json`: everything about one turn.
+#[derive(Serialize)]
+struct JsonReply<'a> {
+    reply: &'a str,
+    backend: BackendKind,
+    model: Option<String>,
+    finish_reason: FinishReason,
+    cond_format: &'static str,
+    ablated: bool,
+    world_tokens: usize,
+    conditioning: &'a [f32],
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    timings: Timings,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    world_ms: f64,
+    time_to_first_token_ms: f64,
+    prompt_ms: Option<f64>,
+    total_ms: f64,
+    /// Generated tokens per second after the first token.
+    decode_tokens_per_second: Option<f64>,
+}
+
+impl<'a> JsonReply<'a> {
+    fn new(engine: &Engine, reply: &'a AgentReply) -> Self {
+        let g = &reply.generation;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let decode_time = g.total_time.saturating_sub(g.time_to_first_token);
+        let decode_tokens_per_second = (g.completion_tokens > 1 && !decode_time.is_zero())
+            .then(|| (g.completion_tokens - 1) as f64 / decode_time.as_secs_f64());
+        Self {
+            reply: &g.text,
+            backend: engine.decoder().backend(),
+            model: engine
+                .decoder()
+                .model_path()
+                .map(|p| p.display().to_string()),
+            finish_reason: g.finish_reason,
+            cond_format: engine.cond_format().name(),
+            ablated: reply.conditioning.ablated,
+            world_tokens: reply.conditioning.world_tokens,
+            conditioning: &reply.conditioning.vector,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.completion_tokens,
+            timings: Timings {
+                world_ms: ms(reply.world_time),
+                time_to_first_token_ms: ms(g.time_to_first_token),
+                prompt_ms: g.prompt_time.map(ms),
+                total_ms: ms(g.total_time),
+                decode_tokens_per_second,
+            },
+        }
+    }
+}
+
+pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let config = args.decoder.config();
+    let mut fixes = Vec::new();
+    let mut out = std::io::stdout().lock();
+
+    let spec = match args.world.as_slice() {
+        [model, vocab] => WorldSpec::Files { model, vocab },
+        [] => WorldSpec::Default,
+        _ => anyhow::bail!("doctor takes a world model and its vocab, or nothing"),
+    };
+    match spec.load(&LoadOptions::default()) {
+        Ok(world) => writeln!(out, "world model:   {}", describe_world(&world))?,
+        Err(err) => {
+            writeln!(out, "world model:   cannot load: {err:#}")?;
+            fixes.push("pass a valid model_world_*.safetensors and its vocab_world.txt, or none for the embedded default".to_string());
+        }
+    }
+
+    let found = discovery::find_model(config.model.as_deref(), &config.search_root);
+    match &found {
+        Ok(Some(path)) => {
+            let how = if config.model.is_some() {
+                "JEPA_DECODER_MODEL"
+            } else {
+                "found under ./models"
+            };
+            writeln!(out, "decoder model: {} ({how})", path.display())?;
+        }
+        Ok(None) => {
+            writeln!(
+                out,
+                "decoder model: none (JEPA_DECODER_MODEL unset, no .gguf under ./models)"
+            )?;
+            fixes.push("put a .gguf under ./models (`make models` fetches SmolLM2-135M-Instruct) or set JEPA_DECODER_MODEL".to_string());
+        }
+        Err(err) => {
+            writeln!(out, "decoder model: {err}")?;
+            fixes.push("fix or unset JEPA_DECODER_MODEL".to_string());
+        }
+    }
+    let backend = match (&found, config.backend) {
+        (Ok(Some(_)), kind) => kind,
+        _ => BackendKind::Stub,
+    };
+    let why = match (
+        config.backend,
+        args.decoder.backend,
+        args.decoder.bin.is_some(),
+    ) {
+        (_, Some(_), _) => "JEPA_DECODER_BACKEND",
+        (BackendKind::Subprocess, None, true) => "JEPA_DECODER_BIN is set",
+        _ => "default",
+    };
+    let stub_note = if backend == BackendKind::Stub && config.backend != BackendKind::Stub {
+        " -> stub, as there is no model"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "backend:       {} ({why}){stub_note}",
+        config.backend.name()
+    )?;
+    match which::which(&config.bin) {
+        Ok(path) => writeln!(out, "decoder bin:   {} ({})", config.bin, path.display())?,
+        Err(_) => {
+            writeln!(
+                out,
+                "decoder bin:   {} not found on PATH (only the subprocess backend needs it)",
+                config.bin
+            )?;
+            if config.backend == BackendKind::Subprocess {
+                fixes.push("install or build llama.cpp's llama-completion, or set JEPA_DECODER_BIN to its full path".to_string());
+            }
+        }
+    }
+    let gpu = decoder::llama::gpu_offload_supported();
+    writeln!(
+        out,
+        "llama.cpp:     linked in-process; {}",
+        if gpu {
+            "GPU offload available"
+        } else {
+            "CPU only (no GPU backend in this build)"
+        }
+    )?;
+    let ngl_note = if gpu || config.ngl == 0 {
+        ""
+    } else {
+        " (ignored: CPU-only build)"
+    };
+    writeln!(out, "GPU layers:    {}{ngl_note}", config.ngl)?;
+    writeln!(
+        out,
+        "threads:       {} (physical cores: {})",
+        config.threads,
+        decoder::config::physical_cores()
+    )?;
+    writeln!(
+        out,
+        "context:       {} tokens; conditioning as text, format {}",
+        config.ctx,
+        args.decoder.cond_format.name()
+    )?;
+    if fixes.is_empty() {
+        writeln!(out, "ok: nothing to fix")?;
+    } else {
+        for fix in &fixes {
+            writeln!(out, "to fix: {fix}")?;
+        }
+    }
+    Ok(())
+}
+
+fn describe_world(world: &WorldModel) -> String {
+    format!(
+        "{} ({}; {} backend)",
+        world.model_path().display(),
+        world.config().summary(),
+        world.backend_name()
+    )
+}

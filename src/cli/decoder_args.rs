@@ -1,0 +1,163 @@
+//! The decoder's command-line flags, each backed by the seed's environment
+//! variable (clap shows it in `--help`; a bad value is an error naming both,
+//! never a silent fallback to the default).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::conditioning::CondFormat;
+use crate::decoder::config::{
+    self, DEFAULT_BIN, DEFAULT_CTX, DEFAULT_MIN_P, DEFAULT_NGL, DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P,
+};
+use crate::decoder::{BackendKind, DecoderConfig, Sampling};
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Decoder")]
+pub struct DecoderArgs {
+    /// Decoder backend [default: llama; subprocess when JEPA_DECODER_BIN is set].
+    #[arg(long, env = "JEPA_DECODER_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// GGUF model [default: first of ./models/*.gguf, then ./models/**/*.gguf].
+    #[arg(
+        long = "decoder-model",
+        env = "JEPA_DECODER_MODEL",
+        value_name = "GGUF"
+    )]
+    pub model: Option<PathBuf>,
+    /// llama.cpp binary for the subprocess backend [default: llama-completion].
+    #[arg(long = "decoder-bin", env = "JEPA_DECODER_BIN", value_name = "BIN")]
+    pub bin: Option<String>,
+    /// Context window in tokens.
+    #[arg(long, env = "JEPA_DECODER_CTX", default_value_t = DEFAULT_CTX, value_name = "N",
+          value_parser = parse_ctx)]
+    pub ctx: u32,
+    /// Layers offloaded to the GPU (ignored, with a notice, by a CPU-only build).
+    #[arg(long, env = "JEPA_DECODER_NGL", default_value_t = DEFAULT_NGL, value_name = "N",
+          value_parser = parse_ngl, allow_negative_numbers = true)]
+    pub ngl: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, env = "JEPA_DECODER_TEMP", default_value_t = DEFAULT_TEMP, value_name = "T",
+          value_parser = parse_temp, allow_negative_numbers = true)]
+    pub temp: f32,
+    /// Repeat penalty over the last 64 tokens (1 = off).
+    #[arg(long, env = "JEPA_DECODER_REPEAT_PENALTY", default_value_t = DEFAULT_REPEAT_PENALTY,
+          value_name = "F", value_parser = parse_repeat_penalty, allow_negative_numbers = true)]
+    pub repeat_penalty: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long, env = "JEPA_DECODER_TOP_K", default_value_t = DEFAULT_TOP_K, value_name = "K",
+          value_parser = parse_top_k, allow_negative_numbers = true)]
+    pub top_k: i32,
+    /// Top-p (nucleus) sampling (1 = off).
+    #[arg(long, env = "JEPA_DECODER_TOP_P", default_value_t = DEFAULT_TOP_P, value_name = "P",
+          value_parser = parse_top_p, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Min-p sampling (0 = off).
+    #[arg(long, env = "JEPA_DECODER_MIN_P", default_value_t = DEFAULT_MIN_P, value_name = "P",
+          value_parser = parse_min_p, allow_negative_numbers = true)]
+    pub min_p: f32,
+    /// Sampling seed [default: random per request].
+    #[arg(long, env = "JEPA_DECODER_SEED", value_name = "N", value_parser = parse_seed)]
+    pub seed: Option<u32>,
+    /// CPU threads for llama.cpp [default: physical cores].
+    #[arg(long, env = "JEPA_DECODER_THREADS", value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<u32>,
+    /// How the conditioning vector is written into the prompt.
+    #[arg(long, env = "JEPA_DECODER_COND_FORMAT", value_enum, default_value_t = CondFormat::Chunks)]
+    pub cond_format: CondFormat,
+}
+
+impl DecoderArgs {
+    pub fn config(&self) -> DecoderConfig {
+        DecoderConfig {
+            backend: BackendKind::select(self.backend, self.bin.is_some()),
+            model: self.model.clone(),
+            search_root: PathBuf::from("."),
+            bin: self.bin.clone().unwrap_or_else(|| DEFAULT_BIN.to_string()),
+            ctx: self.ctx,
+            ngl: self.ngl,
+            threads: self
+                .threads
+                .map_or_else(config::physical_cores, |t| t as usize),
+            sampling: Sampling {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                seed: self.seed,
+            },
+        }
+    }
+}
+
+fn parse_ctx(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("JEPA_DECODER_CTX / --ctx must be a whole number of tokens, at least 1".into()),
+    }
+}
+
+fn parse_ngl(s: &str) -> Result<u32, String> {
+    s.trim().parse::<u32>().map_err(|_| {
+        "JEPA_DECODER_NGL / --ngl must be a whole number of layers, 0 or more (0 = CPU only)".into()
+    })
+}
+
+fn parse_float(s: &str, what: &str, ok: impl Fn(f32) -> bool) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && ok(v) => Ok(v),
+        _ => Err(what.to_string()),
+    }
+}
+
+fn parse_temp(s: &str) -> Result<f32, String> {
+    parse_float(
+        s,
+        "JEPA_DECODER_TEMP / --temp must be a number, 0 or more",
+        |v| v >= 0.0,
+    )
+}
+
+fn parse_repeat_penalty(s: &str) -> Result<f32, String> {
+    parse_float(
+        s,
+        "JEPA_DECODER_REPEAT_PENALTY / --repeat-penalty must be a number above 0 (1 = off)",
+        |v| v > 0.0,
+    )
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    parse_float(s, "JEPA_DECODER_TOP_P / --top-p must be in (0, 1]", |v| {
+        v > 0.0 && v <= 1.0
+    })
+}
+
+fn parse_min_p(s: &str) -> Result<f32, String> {
+    parse_float(s, "JEPA_DECODER_MIN_P / --min-p must be in [0, 1]", |v| {
+        (0.0..=1.0).contains(&v)
+    })
+}
+
+fn parse_top_k(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(k) if k >= 0 => Ok(k),
+        _ => Err("JEPA_DECODER_TOP_K / --top-k must be a whole number, 0 or more (0 = off)".into()),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<u32, String> {
+    s.trim().parse::<u32>().map_err(|_| {
+        "JEPA_DECODER_SEED / --seed must be a whole number from 0 to 4294967295".into()
+    })
+}
+
+fn parse_threads(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("JEPA_DECODER_THREADS / --threads must be a whole number, at least 1".into()),
+    }
+}

@@ -1,0 +1,240 @@
+//! Text generation: the [`Decoder`] trait and its three backends.
+//!
+//! - [`llama`]: llama.cpp linked in-process (`llama-cpp-2`), the model loaded
+//!   once and owned by a thread of its own;
+//! - [`subprocess`]: the seed's backend, one `llama-completion` process per
+//!   request;
+//! - [`stub`]: a deterministic placeholder when no model is available.
+//!
+//! Every backend streams through the same sink, so the CLI and the server
+//! print pieces the moment they exist, and a sink that answers
+//! [`ControlFlow::Break`] cancels the generation.
+
+pub mod config;
+pub mod discovery;
+pub mod llama;
+pub mod prompt;
+pub mod stop;
+pub mod stub;
+pub mod subprocess;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use config::{BackendKind, DecoderConfig, Sampling};
+
+/// Who said a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// What the model continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// A conversation, formatted with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, continued as is (`/v1/completions`, benchmarks).
+    Text(String),
+}
+
+impl Prompt {
+    /// The text of the last user message (or the raw text).
+    pub fn last_user_text(&self) -> &str {
+        match self {
+            Self::Chat(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User)
+                .map_or("", |m| m.content.as_str()),
+            Self::Text(text) => text,
+        }
+    }
+}
+
+/// One generation: the prompt, how many tokens at most, how to sample and
+/// where to stop.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// Upper bound on generated tokens; the context bounds it too.
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends before the first occurrence of any of these.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks, as llama-server's
+    /// `ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A chat request with no stop strings.
+    pub fn chat(messages: Vec<ChatMessage>, max_new_tokens: usize, sampling: Sampling) -> Self {
+        Self {
+            prompt: Prompt::Chat(messages),
+            max_new_tokens,
+            sampling,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why a generation ended (the OpenAI `finish_reason`, plus cancellation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// max_new_tokens or the end of the context.
+    Length,
+    /// The sink asked to stop.
+    Cancelled,
+}
+
+/// What a generation produced and how long it took.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// From the call to the first piece handed to the sink (or to the end
+    /// when nothing was generated).
+    pub time_to_first_token: Duration,
+    /// Prompt evaluation alone, where the backend can tell.
+    pub prompt_time: Option<Duration>,
+    pub total_time: Duration,
+}
+
+/// The piece sink: gets each new piece of text, answers whether to go on.
+pub type Sink<'a> = dyn FnMut(&str) -> ControlFlow<()> + 'a;
+
+/// A text generator. Implementations own their native resources; `generate`
+/// streams into `sink` and returns the whole result.
+pub trait Decoder: Send {
+    /// `llama`, `subprocess` or `stub`.
+    fn backend(&self) -> BackendKind;
+    /// The GGUF file in use, if any.
+    fn model_path(&self) -> Option<&Path>;
+    /// Context size in tokens, when the backend knows it.
+    fn context_size(&self) -> Option<usize>;
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut Sink<'_>,
+    ) -> Result<Generation, DecoderError>;
+}
+
+/// Everything that can go wrong in a decoder, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error(
+        "JEPA_DECODER_MODEL={0}: no such file; point it at a .gguf model or unset it to search ./models"
+    )]
+    ModelMissing(PathBuf),
+    #[error(
+        "{0} is a directory, not a .gguf file; point JEPA_DECODER_MODEL at the model file inside it"
+    )]
+    ModelIsDirectory(PathBuf),
+    #[error(
+        "{path}: llama.cpp could not load this model (not a GGUF file, truncated, or an architecture this llama.cpp does not know); check the file or download it again"
+    )]
+    ModelLoad { path: PathBuf },
+    #[error(
+        "llama.cpp could not create a context of {ctx} tokens for {path} (out of memory?); reduce JEPA_DECODER_CTX"
+    )]
+    ContextCreate { path: PathBuf, ctx: u32 },
+    #[error(
+        "context length exceeded: the prompt is {prompt_tokens} tokens but the context holds {context} (JEPA_DECODER_CTX); shorten the prompt or raise JEPA_DECODER_CTX"
+    )]
+    ContextExceeded {
+        prompt_tokens: usize,
+        context: usize,
+    },
+    #[error("the chat template of {path} failed: {message}")]
+    Template { path: PathBuf, message: String },
+    #[error("llama.cpp failed to evaluate the batch: {0}")]
+    Decode(String),
+    #[error(
+        "decoder binary '{bin}' could not be started: {source}; install or build llama.cpp's llama-completion, or set JEPA_DECODER_BIN to its full path"
+    )]
+    BinaryNotFound {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "decoder process '{bin}' failed ({status}): {stderr_tail}; run the command by hand to check the model path and flags"
+    )]
+    ProcessFailed {
+        bin: String,
+        status: String,
+        stderr_tail: String,
+    },
+    #[error(
+        "the subprocess backend needs a model: set JEPA_DECODER_MODEL or put a .gguf under ./models"
+    )]
+    NoModelForSubprocess,
+    #[error("decoder I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the llama.cpp worker thread stopped unexpectedly")]
+    WorkerGone,
+    #[error("llama.cpp backend initialisation failed: {0}")]
+    Backend(String),
+}
+
+/// Opens the backend `config` selects: the llama.cpp or subprocess backend
+/// when a model is found, the stub otherwise (or when asked for).
+pub fn open(config: &DecoderConfig) -> Result<Box<dyn Decoder>, DecoderError> {
+    let model = discovery::find_model(config.model.as_deref(), &config.search_root)?;
+    match (config.backend, model) {
+        (BackendKind::Stub, _) | (_, None) => Ok(Box::new(stub::StubDecoder)),
+        (BackendKind::Llama, Some(model)) => {
+            Ok(Box::new(llama::LlamaDecoder::load(&model, config)?))
+        }
+        (BackendKind::Subprocess, Some(model)) => {
+            Ok(Box::new(subprocess::SubprocessDecoder::new(model, config)))
+        }
+    }
+}
+
+/// The seed's troubleshooting advice, printed when the stub answers.
+pub const STUB_ADVICE: &str = "\
+note: no decoder model was found, so the stub backend answered (its reply is a placeholder).
+  To get real replies:
+  - put a .gguf model under ./models (`make models` fetches SmolLM2-135M-Instruct), or
+    set JEPA_DECODER_MODEL to a .gguf file;
+  - for the subprocess backend, install or build llama.cpp's llama-completion, or set
+    JEPA_DECODER_BIN to the binary's full path.
+  `tofy doctor` shows what was found.";

@@ -1,0 +1,319 @@
+//! The seed's backend: one `llama-completion` process per request
+//! (`JEPA_DECODER_BIN`), with the seed's flags. Its stdout is streamed as it
+//! arrives, minus any echo of the prompt and llama.cpp's `[end of text]`
+//! marker; token counts come from the timing lines it prints on stderr. The
+//! child is killed when the caller cancels, and on drop.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use super::stop::StopScanner;
+use super::{
+    BackendKind, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Generation,
+    Prompt, Sink, prompt,
+};
+
+/// What llama.cpp's completion tool prints when the model ends its turn.
+const END_OF_TEXT: &str = " [end of text]";
+
+/// Runs `JEPA_DECODER_BIN` for every request.
+#[derive(Debug, Clone)]
+pub struct SubprocessDecoder {
+    model: PathBuf,
+    config: DecoderConfig,
+}
+
+impl SubprocessDecoder {
+    pub fn new(model: PathBuf, config: &DecoderConfig) -> Self {
+        Self {
+            model,
+            config: config.clone(),
+        }
+    }
+
+    /// The command line for one request (the seed's flags).
+    pub fn command(&self, prompt: &str, request: &GenerateRequest) -> Command {
+        let s = &request.sampling;
+        let mut cmd = Command::new(&self.config.bin);
+        cmd.arg("-m").arg(&self.model);
+        cmd.arg("-p").arg(prompt);
+        cmd.args(["-n", &request.max_new_tokens.to_string()]);
+        cmd.args(["-c", &self.config.ctx.to_string()]);
+        cmd.args(["-ngl", &self.config.ngl.to_string()]);
+        cmd.args(["-t", &self.config.threads.to_string()]);
+        cmd.args(["--temp", &s.temperature.to_string()]);
+        cmd.args(["--repeat-penalty", &s.repeat_penalty.to_string()]);
+        cmd.args(["--top-k", &s.top_k.to_string()]);
+        cmd.args(["--top-p", &s.top_p.to_string()]);
+        cmd.args(["--min-p", &s.min_p.to_string()]);
+        if request.ignore_eos {
+            cmd.arg("--ignore-eos");
+        }
+        if let Some(seed) = s.seed {
+            cmd.args(["--seed", &seed.to_string()]);
+        }
+        // Plain completion of the prompt we formatted, no interactive chat.
+        cmd.args(["--no-display-prompt", "-no-cnv"]);
+        cmd
+    }
+}
+
+/// Kills and reaps the child unless it already finished.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl Decoder for SubprocessDecoder {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Subprocess
+    }
+
+    fn model_path(&self) -> Option<&Path> {
+        Some(&self.model)
+    }
+
+    fn context_size(&self) -> Option<usize> {
+        Some(self.config.ctx as usize)
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut Sink<'_>,
+    ) -> Result<Generation, DecoderError> {
+        let start = Instant::now();
+        let text = match &request.prompt {
+            Prompt::Chat(messages) => prompt::plain_layout(messages),
+            Prompt::Text(text) => text.clone(),
+        };
+        let mut command = self.command(&text, request);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child =
+            ChildGuard(
+                command
+                    .spawn()
+                    .map_err(|source| DecoderError::BinaryNotFound {
+                        bin: self.config.bin.clone(),
+                        source,
+                    })?,
+            );
+        let mut stdout = child.0.stdout.take().expect("stdout is piped");
+        let mut stderr = child.0.stderr.take().expect("stderr is piped");
+        // stderr is drained on its own thread so a chatty child never blocks.
+        let stderr_reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            let _ = stderr.read_to_string(&mut all);
+            all
+        });
+
+        let mut stops = match request.prompt {
+            Prompt::Chat(_) => prompt::plain_layout_stops(),
+            Prompt::Text(_) => Vec::new(),
+        };
+        stops.extend(request.stop.iter().cloned());
+        // Two scanners: llama.cpp's own end marker (the child then exits by
+        // itself and prints its token counts) and the stop strings (the
+        // child is still generating and is killed).
+        let mut end_marker = StopScanner::new(&[END_OF_TEXT.to_string()]);
+        let mut scanner = StopScanner::new(&stops);
+        let mut echo = EchoStripper::new(&text);
+        let mut utf8 = encoding_rs::UTF_8.new_decoder();
+        let mut out = String::new();
+        let mut first = None;
+        let mut buf = [0u8; 4096];
+        let mut finish = FinishReason::Length;
+        // Set when we end the child early (a stop string or cancellation).
+        let mut kill = false;
+        let mut emit = |piece: &str, out: &mut String| {
+            if piece.is_empty() {
+                return true;
+            }
+            first.get_or_insert_with(|| start.elapsed());
+            out.push_str(piece);
+            sink(piece).is_continue()
+        };
+        loop {
+            let n = stdout.read(&mut buf)?;
+            let at_end = n == 0;
+            let mut piece = String::with_capacity(n + 4);
+            let _ = utf8.decode_to_string(&buf[..n], &mut piece, at_end);
+            let mut marked = end_marker.push(&echo.push(&piece, at_end));
+            if at_end {
+                marked.text.push_str(&end_marker.finish());
+            }
+            let mut released = scanner.push(&marked.text);
+            if (at_end || marked.stopped) && !released.stopped {
+                released.text.push_str(&scanner.finish());
+            }
+            if !emit(&released.text, &mut out) {
+                (finish, kill) = (FinishReason::Cancelled, true);
+                break;
+            }
+            if released.stopped {
+                (finish, kill) = (FinishReason::Stop, true);
+                break;
+            }
+            if marked.stopped {
+                // The model ended its turn; let the child finish and exit.
+                std::io::copy(&mut stdout, &mut std::io::sink())?;
+                finish = FinishReason::Stop;
+                break;
+            }
+            if at_end {
+                break;
+            }
+        }
+        if kill {
+            // Ended early: the child must not keep generating into a pipe
+            // nobody reads.
+            drop(stdout);
+            let _ = child.0.kill();
+        }
+        let status = child.0.wait()?;
+        let stderr_text = stderr_reader.join().unwrap_or_default();
+        if !kill && !status.success() {
+            return Err(DecoderError::ProcessFailed {
+                bin: self.config.bin.clone(),
+                status: status.to_string(),
+                stderr_tail: tail(&stderr_text),
+            });
+        }
+        let counts = PerfCounts::parse(&stderr_text);
+        if finish == FinishReason::Length && counts.generated < request.max_new_tokens {
+            // The child stopped on its own before the limit: an end of turn.
+            finish = FinishReason::Stop;
+        }
+        Ok(Generation {
+            text: out,
+            finish_reason: finish,
+            prompt_tokens: counts.prompt,
+            completion_tokens: counts.generated,
+            time_to_first_token: first.unwrap_or_else(|| start.elapsed()),
+            prompt_time: None,
+            total_time: start.elapsed(),
+        })
+    }
+}
+
+/// The last non-empty stderr lines, for an error message.
+fn tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if tail.is_empty() {
+        "no output on stderr".to_string()
+    } else {
+        tail
+    }
+}
+
+/// Drops a leading echo of the prompt (older builds ignore
+/// `--no-display-prompt`): text is held while it is still a prefix of the
+/// prompt, dropped once the whole prompt has been seen, released as soon as
+/// it differs.
+struct EchoStripper {
+    prompt: String,
+    held: String,
+    settled: bool,
+}
+
+impl EchoStripper {
+    fn new(prompt: &str) -> Self {
+        Self {
+            prompt: prompt.to_string(),
+            held: String::new(),
+            settled: false,
+        }
+    }
+
+    fn push(&mut self, piece: &str, at_end: bool) -> String {
+        if self.settled {
+            return piece.to_string();
+        }
+        self.held.push_str(piece);
+        let trimmed = self.held.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(self.prompt.as_str()) {
+            self.settled = true;
+            let rest = rest.to_string();
+            self.held.clear();
+            return rest;
+        }
+        if self.prompt.starts_with(trimmed) && !at_end {
+            return String::new();
+        }
+        self.settled = true;
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Token counts from llama.cpp's `llama_perf_context_print` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PerfCounts {
+    prompt: usize,
+    generated: usize,
+}
+
+impl PerfCounts {
+    /// `prompt eval time = … / 12 tokens (…)` and `eval time = … / 33 runs (…)`.
+    fn parse(stderr: &str) -> Self {
+        let count = |line: &str| -> Option<usize> {
+            let after = line.split(" / ").nth(1)?;
+            after.split_whitespace().next()?.parse().ok()
+        };
+        let mut counts = Self::default();
+        for line in stderr
+            .lines()
+            .filter(|l| l.contains("llama_perf_context_print"))
+        {
+            if line.contains("prompt eval time") {
+                counts.prompt = count(line).unwrap_or(0);
+            } else if line.contains(" eval time") {
+                counts.generated = count(line).unwrap_or(0);
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_is_dropped_and_other_text_passes() {
+        let mut e = EchoStripper::new("User: hi\nAssistant:");
+        assert_eq!(e.push("User: hi", false), "");
+        assert_eq!(e.push("\nAssistant: Hello", false), " Hello");
+        assert_eq!(e.push(" again", false), " again");
+        let mut e = EchoStripper::new("User: hi\nAssistant:");
+        assert_eq!(e.push("Us", false), "");
+        assert_eq!(e.push("ually yes", false), "Usually yes");
+    }
+
+    #[test]
+    fn perf_lines_give_token_counts() {
+        let stderr = "\
+llama_perf_context_print:        load time =     101.10 ms
+llama_perf_context_print: prompt eval time =      50.00 ms /    12 tokens (    4.17 ms per token)
+llama_perf_context_print:        eval time =     300.00 ms /    33 runs   (    9.09 ms per token)
+";
+        assert_eq!(
+            PerfCounts::parse(stderr),
+            PerfCounts {
+                prompt: 12,
+                generated: 33
+            }
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! `tofy infer-agent` and `tofy doctor` as a user runs them: the real binary,
+//! the real SmolLM2 GGUF, the seed's environment variables, and one readable
+//! error line for each bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{fails, smollm2};
+
+const WORLD: &str = "models/world/model_world_1.51M.safetensors";
+const VOCAB: &str = "models/world/vocab_world.txt";
+
+/// `tofy` in the repository root with a clean decoder environment.
+fn tofy(args: &[&str], env: &[(&str, &str)]) -> Output {
+    tofy_in(Path::new(env!("CARGO_MANIFEST_DIR")), args, env)
+}
+
+fn tofy_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tofy"));
+    cmd.current_dir(dir).args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("JEPA_DECODER_") || key == "TOFY_THREADS" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("JEPA_DECODER_THREADS", "1");
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run tofy")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "tofy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn the_seed_form_and_the_subcommand_give_the_same_reply() {
+    let model = smollm2().display().to_string();
+    let env = [
+        ("JEPA_DECODER_MODEL", model.as_str()),
+        ("JEPA_DECODER_SEED", "42"),
+        ("JEPA_DECODER_NGL", "0"),
+    ];
+    let prompt = "write a short gpu recommendation";
+    let seed = tofy(
+        &[
+            "--infer-agent",
+            WORLD,
+            VOCAB,
+            prompt,
+            "128",
+            "32",
+            "2",
+            "4",
+            "256",
+            "24",
+        ],
+        &env,
+    );
+    let sub = tofy(
+        &[
+            "infer-agent",
+            WORLD,
+            VOCAB,
+            prompt,
+            "128",
+            "32",
+            "2",
+            "4",
+            "256",
+            "24",
+        ],
+        &env,
+    );
+    let text = stdout(&seed);
+    assert!(text.trim().len() > 10, "{text:?}");
+    assert_eq!(text, stdout(&sub));
+    // Sampling (temperature 0.7) with another seed gives another reply.
+    let other = tofy(
+        &[
+            "infer-agent",
+            prompt,
+            "--seed",
+            "7",
+            "--temp",
+            "1.5",
+            "--max-new-tokens",
+            "24",
+        ],
+        &env,
+    );
+    assert_ne!(stdout(&other), text);
+}
+
+#[test]
+fn json_reports_the_whole_turn() {
+    let model = smollm2().display().to_string();
+    let out = tofy(
+        &[
+            "infer-agent",
+            "hello there",
+            "--json",
+            "--temp",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ],
+        &[("JEPA_DECODER_MODEL", &model), ("JEPA_DECODER_NGL", "0")],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["backend"], "llama");
+    assert_eq!(v["model"], model.as_str());
+    assert_eq!(v["cond_format"], "chunks");
+    assert_eq!(v["conditioning"].as_array().unwrap().len(), 256);
+    assert!(v["conditioning"][0].as_f64().unwrap() != 0.0);
+    assert_eq!(v["world_tokens"], 2);
+    assert!(v["prompt_tokens"].as_u64().unwrap() > 20);
+    assert!(v["completion_tokens"].as_u64().unwrap() >= 1);
+    assert!(!v["reply"].as_str().unwrap().is_empty());
+    assert!(v["timings"]["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
+
+    let ablated = tofy(
+        &[
+            "infer-agent",
+            "hello there",
+            "--json",
+            "--ablate-conditioning",
+            "--max-new-tokens",
+            "1",
+        ],
+        &[("JEPA_DECODER_MODEL", &model), ("JEPA_DECODER_NGL", "0")],
+    );
+    let a: serde_json::Value = serde_json::from_str(stdout(&ablated).trim()).unwrap();
+    assert!(
+        a["conditioning"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x == 0.0)
+    );
+    assert_eq!(a["completion_tokens"], 1, "--max-new-tokens 1");
+}
+
+#[test]
+fn models_are_discovered_under_models_and_the_cpu_build_notes_ngl() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("models/smol");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::os::unix::fs::symlink(smollm2(), nested.join("SmolLM2.gguf")).unwrap();
+    let out = tofy_in(
+        dir.path(),
+        &["infer-agent", "hi", "--json", "--max-new-tokens", "8"],
+        &[],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["backend"], "llama");
+    assert_eq!(v["model"], "./models/smol/SmolLM2.gguf");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("JEPA_DECODER_NGL=99 ignored"),
+        "one-line notice on a CPU-only build: {stderr}"
+    );
+
+    let doctor = tofy_in(dir.path(), &["doctor"], &[]);
+    let text = stdout(&doctor);
+    assert!(
+        text.contains("decoder model: ./models/smol/SmolLM2.gguf (found under ./models)"),
+        "{text}"
+    );
+    assert!(text.contains("backend:       llama (default)"), "{text}");
+    assert!(
+        text.contains("GPU layers:    99 (ignored: CPU-only build)"),
+        "{text}"
+    );
+    assert!(text.contains("threads:       1"), "{text}");
+}
+
+#[test]
+fn without_a_model_the_stub_answers_and_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tofy_in(dir.path(), &["infer-agent", "are you there?"], &[]);
+    let text = stdout(&out);
+    assert!(text.contains("tofy stub decoder"), "{text}");
+    assert!(text.contains("are you there?"), "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("JEPA_DECODER_MODEL"), "{stderr}");
+    assert!(stderr.contains("JEPA_DECODER_BIN"), "{stderr}");
+    // Deterministic.
+    assert_eq!(
+        text,
+        stdout(&tofy_in(
+            dir.path(),
+            &["infer-agent", "are you there?"],
+            &[]
+        ))
+    );
+
+    let forced = tofy(
+        &["infer-agent", "x", "--json"],
+        &[("JEPA_DECODER_BACKEND", "stub")],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&forced).trim()).unwrap();
+    assert_eq!(v["backend"], "stub");
+
+    let doctor = stdout(&tofy_in(dir.path(), &["doctor"], &[]));
+    assert!(doctor.contains("decoder model: none"), "{doctor}");
+    assert!(
+        doctor.contains("to fix: put a .gguf under ./models"),
+        "{doctor}"
+    );
+}
+
+#[test]
+fn the_subprocess_backend_is_chosen_by_jepa_decoder_bin() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("fake-llama");
+    std::fs::write(&bin, "#!/bin/sh\nprintf 'fake reply'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = smollm2().display().to_string();
+    let bin = bin.display().to_string();
+    let out = tofy(
+        &["infer-agent", "hi", "--json"],
+        &[("JEPA_DECODER_BIN", &bin), ("JEPA_DECODER_MODEL", &model)],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["backend"], "subprocess");
+    assert_eq!(v["reply"], "fake reply");
+    // JEPA_DECODER_BACKEND wins over JEPA_DECODER_BIN.
+    let out = tofy(
+        &["infer-agent", "hi", "--json", "--max-new-tokens", "1"],
+        &[
+            ("JEPA_DECODER_BIN", &bin),
+            ("JEPA_DECODER_MODEL", &model),
+            ("JEPA_DECODER_BACKEND", "llama"),
+            ("JEPA_DECODER_NGL", "0"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["backend"], "llama");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let model = smollm2().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf").unwrap();
+    let junk = junk.display().to_string();
+    let dir_path = dir.path().display().to_string();
+    let run = |env: &[(&str, &str)]| {
+        let mut all = vec![("JEPA_DECODER_NGL", "0")];
+        all.extend_from_slice(env);
+        fails(tofy(&["infer-agent", "hi", "--max-new-tokens", "4"], &all))
+    };
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![("JEPA_DECODER_MODEL", "/nope/missing.gguf")],
+            "/nope/missing.gguf: no such file",
+        ),
+        (vec![("JEPA_DECODER_MODEL", &dir_path)], "is a directory"),
+        (
+            vec![("JEPA_DECODER_MODEL", &junk)],
+            "could not load this model",
+        ),
+        (
+            vec![("JEPA_DECODER_CTX", "0")],
+            "JEPA_DECODER_CTX / --ctx must be",
+        ),
+        (
+            vec![("JEPA_DECODER_CTX", "lots")],
+            "JEPA_DECODER_CTX / --ctx must be",
+        ),
+        (
+            vec![("JEPA_DECODER_NGL", "-1")],
+            "JEPA_DECODER_NGL / --ngl must be",
+        ),
+        (
+            vec![("JEPA_DECODER_TEMP", "hot")],
+            "JEPA_DECODER_TEMP / --temp must be",
+        ),
+        (vec![("JEPA_DECODER_BACKEND", "gpu")], "invalid value 'gpu'"),
+        (
+            vec![("JEPA_DECODER_COND_FORMAT", "vectors")],
+            "invalid value 'vectors'",
+        ),
+        (
+            vec![
+                ("JEPA_DECODER_MODEL", &model),
+                ("JEPA_DECODER_BACKEND", "subprocess"),
+                ("JEPA_DECODER_BIN", "/nope/llama-completion"),
+            ],
+            "could not be started",
+        ),
+        (
+            vec![("JEPA_DECODER_MODEL", &model), ("JEPA_DECODER_CTX", "16")],
+            "context length exceeded",
+        ),
+    ];
+    for (env, want) in cases {
+        let line = run(&env);
+        assert!(line.contains(want), "{env:?}: {line}");
+    }
+    let line = fails(tofy(&["infer-agent", "hi", "128", "x"], &[]));
+    assert!(
+        line.contains("max_seq 'x' is not a positive whole number"),
+        "{line}"
+    );
+    let line = fails(tofy(&["infer-agent", WORLD, VOCAB, "hi", "100"], &[]));
+    assert!(
+        line.contains("encoder.embed.weight"),
+        "dims checked against the checkpoint: {line}"
+    );
+}

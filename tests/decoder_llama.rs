@@ -1,0 +1,190 @@
+//! The in-process llama.cpp backend on the real SmolLM2-135M GGUF: greedy
+//! determinism, max_new_tokens, stop strings, cancellation, the context
+//! limit, and bad model files.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use tofy::decoder::llama::LlamaDecoder;
+use tofy::decoder::{
+    ChatMessage, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Role,
+    Sampling,
+};
+
+fn config(ctx: u32) -> DecoderConfig {
+    DecoderConfig {
+        ctx,
+        ngl: 0,
+        // Two test binaries may generate at once on a 2-core machine.
+        threads: 1,
+        ..DecoderConfig::default()
+    }
+}
+
+fn load(ctx: u32) -> LlamaDecoder {
+    LlamaDecoder::load(&common::smollm2(), &config(ctx)).expect("load SmolLM2")
+}
+
+fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
+    GenerateRequest::chat(
+        vec![
+            ChatMessage::new(Role::System, "You are a helpful assistant."),
+            ChatMessage::new(Role::User, prompt),
+        ],
+        max_new_tokens,
+        Sampling::greedy(),
+    )
+}
+
+/// Generates, collecting the streamed pieces too.
+fn generate(
+    decoder: &mut LlamaDecoder,
+    request: &GenerateRequest,
+) -> (tofy::decoder::Generation, Vec<String>) {
+    let mut pieces = Vec::new();
+    let generation = decoder
+        .generate(request, &mut |p: &str| {
+            pieces.push(p.to_string());
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    (generation, pieces)
+}
+
+#[test]
+fn greedy_is_deterministic_streams_and_honours_max_new_tokens() {
+    let mut decoder = load(1024);
+    let req = request("Write a long story about a dragon who learns to cook.", 24);
+    let (first, pieces) = generate(&mut decoder, &req);
+    let (second, _) = generate(&mut decoder, &req);
+    assert!(!first.text.trim().is_empty(), "empty reply");
+    assert_eq!(first.text, second.text, "greedy decoding must repeat");
+    assert_eq!(pieces.concat(), first.text, "the stream is the reply");
+    assert!(pieces.len() > 1, "streamed in pieces: {pieces:?}");
+    assert_eq!(first.completion_tokens, 24);
+    assert_eq!(first.finish_reason, FinishReason::Length);
+    assert!(first.prompt_tokens > 10, "{}", first.prompt_tokens);
+
+    // A fresh decoder (new context) gives the same greedy text.
+    let mut other = load(1024);
+    assert_eq!(generate(&mut other, &req).0.text, first.text);
+}
+
+#[test]
+fn a_short_answer_ends_on_the_end_of_generation_token() {
+    let mut decoder = load(1024);
+    let (g, _) = generate(&mut decoder, &request("Say just the word: yes", 200));
+    assert_eq!(g.finish_reason, FinishReason::Stop, "{:?}", g.text);
+    assert!(g.completion_tokens < 200);
+    assert!(
+        !g.text.contains("<|im_end|>"),
+        "special tokens are not text: {:?}",
+        g.text
+    );
+}
+
+#[test]
+fn stop_strings_stop_before_the_match() {
+    let mut decoder = load(1024);
+    let mut req = request("Count from 1 to 20, separated by commas.", 60);
+    let (free, _) = generate(&mut decoder, &req);
+    // Stop at a piece of text the free run produced after its start.
+    let stop = free
+        .text
+        .match_indices(", 5")
+        .next()
+        .map(|(i, s)| (i, s.to_string()))
+        .or_else(|| {
+            let i = free.text.len() / 2;
+            let i = (i..free.text.len())
+                .find(|&i| free.text.is_char_boundary(i))
+                .unwrap();
+            let j = (i + 2..free.text.len())
+                .find(|&j| free.text.is_char_boundary(j))
+                .unwrap();
+            Some((i, free.text[i..j].to_string()))
+        })
+        .unwrap();
+    req.stop = vec![stop.1.clone()];
+    let (stopped, pieces) = generate(&mut decoder, &req);
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(stopped.text, free.text[..free.text.find(&stop.1).unwrap()]);
+    assert!(
+        !pieces.concat().contains(&stop.1),
+        "stop text never streams"
+    );
+}
+
+#[test]
+fn cancelling_ends_the_generation_and_the_decoder_goes_on() {
+    let mut decoder = load(1024);
+    let req = request("Write a long story about the sea.", 100);
+    let mut seen = 0;
+    let g = decoder
+        .generate(&req, &mut |_: &str| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert!(g.completion_tokens < 10, "{}", g.completion_tokens);
+    let (next, _) = generate(&mut decoder, &request("Say hello.", 8));
+    assert!(!next.text.is_empty());
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_a_clear_error() {
+    let mut decoder = load(64);
+    let long = "tell me about the weather ".repeat(40);
+    let err = decoder
+        .generate(
+            &request(&long, 10),
+            &mut |_: &str| ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, DecoderError::ContextExceeded { context: 64, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with("context length exceeded"),
+        "{err}"
+    );
+    // The decoder still works after the refusal.
+    let (g, _) = generate(&mut decoder, &request("Hi", 4));
+    assert!(g.completion_tokens > 0);
+}
+
+#[test]
+fn max_new_tokens_is_bounded_by_the_context() {
+    let mut decoder = load(64);
+    let (g, _) = generate(&mut decoder, &request("Write a long story.", 4096));
+    assert_eq!(g.finish_reason, FinishReason::Length);
+    assert_eq!(g.prompt_tokens + g.completion_tokens, 64);
+}
+
+#[test]
+fn bad_model_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really a model").unwrap();
+    let err = LlamaDecoder::load(&junk, &config(256))
+        .err()
+        .expect("junk must not load");
+    assert!(matches!(err, DecoderError::ModelLoad { .. }), "{err}");
+    assert!(err.to_string().contains("junk.gguf"), "{err}");
+
+    // A truncated copy of the real model.
+    let truncated = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(common::smollm2()).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = LlamaDecoder::load(&truncated, &config(256))
+        .err()
+        .expect("a truncated model must not load");
+    assert!(matches!(err, DecoderError::ModelLoad { .. }), "{err}");
+}

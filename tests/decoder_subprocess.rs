@@ -1,0 +1,217 @@
+//! The subprocess backend against fake `llama-completion` scripts written
+//! here (flags, streaming, echo and marker stripping, token counts,
+//! cancellation, failures), and against llama.cpp's real binary when one is
+//! at hand (`TOFY_TEST_LLAMA_COMPLETION`, or target/peers/bin).
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tofy::decoder::subprocess::SubprocessDecoder;
+use tofy::decoder::{
+    BackendKind, ChatMessage, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest,
+    Role, Sampling,
+};
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn decoder(bin: &Path, model: &Path) -> SubprocessDecoder {
+    let config = DecoderConfig {
+        backend: BackendKind::Subprocess,
+        bin: bin.display().to_string(),
+        ctx: 512,
+        ngl: 0,
+        threads: 2,
+        ..DecoderConfig::default()
+    };
+    SubprocessDecoder::new(model.to_path_buf(), &config)
+}
+
+fn request(max_new_tokens: usize) -> GenerateRequest {
+    GenerateRequest::chat(
+        vec![
+            ChatMessage::new(Role::System, "Be brief."),
+            ChatMessage::new(Role::User, "hi"),
+        ],
+        max_new_tokens,
+        Sampling {
+            seed: Some(7),
+            ..Sampling::greedy()
+        },
+    )
+}
+
+fn collect(
+    d: &mut SubprocessDecoder,
+    req: &GenerateRequest,
+) -> (tofy::decoder::Generation, Vec<String>) {
+    let mut pieces = Vec::new();
+    let g = d
+        .generate(req, &mut |p: &str| {
+            pieces.push(p.to_string());
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    (g, pieces)
+}
+
+#[test]
+fn the_seed_flags_streaming_and_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let args_file = dir.path().join("args");
+    // Echoes the prompt (as builds without --no-display-prompt do), streams
+    // three pieces, ends with llama.cpp's marker and its perf lines.
+    let bin = script(
+        dir.path(),
+        "llama-completion",
+        &format!(
+            r#"printf '%s\0' "$@" > {args}
+while [ "$1" != "-p" ]; do shift; done; prompt=$2
+printf '%s' "$prompt"; sleep 0.05
+printf ' Hello'; sleep 0.05; printf ' from'; sleep 0.05; printf ' fake.'
+printf ' [end of text]\n'
+echo 'llama_perf_context_print: prompt eval time =  5.00 ms /    12 tokens (0.4 ms per token)' >&2
+echo 'llama_perf_context_print:        eval time = 30.00 ms /     3 runs   (10 ms per token)' >&2
+"#,
+            args = args_file.display()
+        ),
+    );
+    let model = dir.path().join("m.gguf");
+    std::fs::write(&model, b"").unwrap();
+    let mut d = decoder(&bin, &model);
+    let (g, pieces) = collect(&mut d, &request(64));
+    assert_eq!(g.text, " Hello from fake.");
+    assert_eq!(pieces.concat(), g.text);
+    assert!(pieces.len() >= 2, "streamed as it came: {pieces:?}");
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!((g.prompt_tokens, g.completion_tokens), (12, 3));
+
+    let args: Vec<String> = std::fs::read_to_string(&args_file)
+        .unwrap()
+        .split_terminator('\0')
+        .map(String::from)
+        .collect();
+    let value = |flag: &str| {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} missing: {args:?}"));
+        args[i + 1].clone()
+    };
+    assert_eq!(value("-m"), model.display().to_string());
+    assert_eq!(value("-p"), "System: Be brief.\nUser: hi\nAssistant:");
+    assert_eq!(value("-n"), "64");
+    assert_eq!(value("-c"), "512");
+    assert_eq!(value("-ngl"), "0");
+    assert_eq!(value("--temp"), "0");
+    assert_eq!(value("--repeat-penalty"), "1.12");
+    assert_eq!(value("--seed"), "7");
+    assert!(args.contains(&"--no-display-prompt".to_string()));
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn cancelling_kills_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let bin = script(
+        dir.path(),
+        "endless",
+        &format!(
+            "echo $$ > {}\nwhile true; do printf ' word'; sleep 0.02; done\n",
+            pid_file.display()
+        ),
+    );
+    let mut d = decoder(&bin, &dir.path().join("m.gguf"));
+    let mut seen = 0;
+    let start = Instant::now();
+    let g = d
+        .generate(&request(10_000), &mut |_: &str| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !alive(pid),
+        "the child {pid} must be killed on cancellation"
+    );
+}
+
+#[test]
+fn a_missing_binary_and_a_failing_one_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.gguf");
+    let mut d = decoder(&dir.path().join("no-such-llama"), &model);
+    let err = d
+        .generate(&request(4), &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(err, DecoderError::BinaryNotFound { .. }), "{err}");
+    assert!(err.to_string().contains("JEPA_DECODER_BIN"), "{err}");
+
+    let bin = script(
+        dir.path(),
+        "broken",
+        "echo 'error: failed to load model' >&2\nexit 3\n",
+    );
+    let err = decoder(&bin, &model)
+        .generate(&request(4), &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, DecoderError::ProcessFailed { .. }), "{text}");
+    assert!(text.contains("failed to load model"), "{text}");
+    assert!(text.contains("exit status: 3"), "{text}");
+}
+
+/// llama.cpp's own llama-completion, where one is built.
+fn real_binary() -> Option<PathBuf> {
+    std::env::var_os("TOFY_TEST_LLAMA_COMPLETION")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let peer =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/bin/llama-completion");
+            peer.is_file().then_some(peer)
+        })
+}
+
+#[test]
+fn the_real_llama_completion_where_present() {
+    let Some(bin) = real_binary() else {
+        eprintln!("no llama-completion built (scripts/bench-decoder.sh builds it): skipped");
+        return;
+    };
+    let mut d = decoder(&bin, &common::smollm2());
+    let (g, pieces) = collect(&mut d, &request(16));
+    assert!(!g.text.trim().is_empty(), "{g:?}");
+    assert!(!g.text.contains("[end of text]"), "{:?}", g.text);
+    assert!(!g.text.contains("System:"), "no prompt echo: {:?}", g.text);
+    assert_eq!(pieces.concat(), g.text);
+    assert!(
+        g.completion_tokens >= 1 && g.completion_tokens <= 16,
+        "{g:?}"
+    );
+}
