@@ -15,9 +15,13 @@ np=128
 ng=128
 peers=target/peers
 tools=${TOFY_PEERS_SCRIPT:-../shared/peers/build-llama-tools.sh}
+# The peers get exactly the SIMD that .cargo/config.toml's x86-64-v3 gives tofy's llama.cpp
+# (llama-cpp-sys-2 maps rustc's avx/avx2/fma/f16c/bmi2 features to these GGML_* options),
+# not -march=native: on the dev VM that enables AMX, whose kernels die with SIGILL.
+simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 if [ ! -x "$peers/bin/tgbench" ] || [ ! -x "$peers/bin/llama-bench" ]; then
     cargo fetch --locked
-    "$tools" "$peers"
+    "$tools" "$peers" 0.1.161 0.3.36 -- "${simd[@]}"
 fi
 scripts/fetch-gguf.sh models/SmolLM2-135M-Instruct.Q4_1.gguf
 scripts/fetch-gemma.sh data/gemma-3-270m-q4_k_m.gguf

@@ -163,7 +163,11 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
 #[test]
 fn max_new_tokens_is_bounded_by_the_context() {
     let mut decoder = load(64);
-    let (g, _) = generate(&mut decoder, &request("Write a long story.", 4096));
+    let req = GenerateRequest {
+        ignore_eos: true,
+        ..request("Write a long story.", 4096)
+    };
+    let (g, _) = generate(&mut decoder, &req);
     assert_eq!(g.finish_reason, FinishReason::Length);
     assert_eq!(g.prompt_tokens + g.completion_tokens, 64);
 }

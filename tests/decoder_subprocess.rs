@@ -117,6 +117,53 @@ echo 'llama_perf_context_print:        eval time = 30.00 ms /     3 runs   (10 m
     assert!(args.contains(&"--no-display-prompt".to_string()));
 }
 
+#[test]
+fn a_reply_cut_at_the_limit_is_length_without_the_closing_newlines() {
+    let dir = tempfile::tempdir().unwrap();
+    // What llama-completion does at -n: no end marker, then "\n\n" and
+    // the timings (the last token is never evaluated: 3 runs for 4 tokens).
+    let bin = script(
+        dir.path(),
+        "limited",
+        r#"printf ' one\n\ntwo three'; printf '\n\n'
+echo 'llama_perf_context_print: prompt eval time = 5.00 ms / 9 tokens (0.5 ms per token)' >&2
+echo 'llama_perf_context_print:        eval time = 9.00 ms / 3 runs   (3 ms per token)' >&2
+"#,
+    );
+    let mut d = decoder(&bin, &dir.path().join("m.gguf"));
+    let (g, pieces) = collect(&mut d, &request(4));
+    assert_eq!(
+        g.text, " one\n\ntwo three",
+        "model newlines kept, closing ones dropped"
+    );
+    assert_eq!(pieces.concat(), g.text);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+    assert_eq!((g.prompt_tokens, g.completion_tokens), (9, 4));
+}
+
+#[test]
+fn llama_cpps_prompt_too_long_is_context_length_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = script(
+        dir.path(),
+        "too-long",
+        "echo 'main: error: prompt is too long (5000 tokens, max 508)' >&2\nexit 1\n",
+    );
+    let err = decoder(&bin, &dir.path().join("m.gguf"))
+        .generate(&request(4), &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecoderError::ContextExceeded {
+                prompt_tokens: 5000,
+                context: 508
+            }
+        ),
+        "{err}"
+    );
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -288,7 +288,7 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     let why = match (
         config.backend,
         args.decoder.backend,
-        args.decoder.bin.is_some(),
+        args.decoder.bin().is_some(),
     ) {
         (_, Some(_), _) => "JEPA_DECODER_BACKEND",
         (BackendKind::Subprocess, None, true) => "JEPA_DECODER_BIN is set",

@@ -25,7 +25,7 @@ pub struct DecoderArgs {
         env = "JEPA_DECODER_MODEL",
         value_name = "GGUF"
     )]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// llama.cpp binary for the subprocess backend [default: llama-completion].
     #[arg(long = "decoder-bin", env = "JEPA_DECODER_BIN", value_name = "BIN")]
     pub bin: Option<String>,
@@ -69,12 +69,22 @@ pub struct DecoderArgs {
 }
 
 impl DecoderArgs {
+    /// `JEPA_DECODER_BIN`, unless unset or empty (an empty variable counts
+    /// as unset, as in the seed).
+    pub fn bin(&self) -> Option<&str> {
+        self.bin.as_deref().filter(|b| !b.is_empty())
+    }
+
     pub fn config(&self) -> DecoderConfig {
         DecoderConfig {
-            backend: BackendKind::select(self.backend, self.bin.is_some()),
-            model: self.model.clone(),
+            backend: BackendKind::select(self.backend, self.bin().is_some()),
+            model: self
+                .model
+                .as_deref()
+                .filter(|m| !m.is_empty())
+                .map(PathBuf::from),
             search_root: PathBuf::from("."),
-            bin: self.bin.clone().unwrap_or_else(|| DEFAULT_BIN.to_string()),
+            bin: self.bin().unwrap_or(DEFAULT_BIN).to_string(),
             ctx: self.ctx,
             ngl: self.ngl,
             threads: self

@@ -139,15 +139,16 @@ impl WorldSpec<'_> {
 }
 
 /// Splits `[MODEL VOCAB] REST...` the way the seed's commands take them:
-/// the first argument is a world model when it ends in `.safetensors` or
-/// names something that exists on disk; then it and the next are the model
-/// and its vocab. Otherwise every argument belongs to the command and the
-/// embedded default world model is used.
+/// the first two arguments are a world model and its vocab when the first
+/// ends in `.safetensors`, or when both name something on disk (so a
+/// one-word prompt that happens to be a folder name, `tofy infer-agent
+/// docs`, stays a prompt). Otherwise every argument belongs to the command
+/// and the embedded default world model is used.
 pub(crate) fn split_world(args: &[String]) -> anyhow::Result<(WorldSpec<'_>, &[String])> {
-    let names_model =
-        |arg: &str| arg.ends_with(".safetensors") || std::path::Path::new(arg).exists();
+    let exists = |arg: &str| std::path::Path::new(arg).exists();
+    let names_model = |arg: &str| arg.ends_with(".safetensors");
     match args {
-        [model, vocab, rest @ ..] if names_model(model) => {
+        [model, vocab, rest @ ..] if names_model(model) || (exists(model) && exists(vocab)) => {
             anyhow::ensure!(
                 !rest.is_empty(),
                 "{model} and {vocab} name a world model, but nothing follows them; usage: [MODEL VOCAB] PROMPT..."

@@ -136,8 +136,10 @@ impl Default for DecoderConfig {
 /// Physical cores: llama.cpp decodes slower with one thread per hyperthread
 /// (measured on this project's 2-core machine: 4 threads 35 tok/s, 2
 /// threads 69 tok/s on SmolLM2-135M).
+/// Capped by the CPUs this process may use (cgroup quota, affinity), which
+/// /proc/cpuinfo's physical count ignores.
 pub fn physical_cores() -> usize {
-    num_cpus::get_physical().max(1)
+    num_cpus::get_physical().min(num_cpus::get()).max(1)
 }
 
 #[cfg(test)]

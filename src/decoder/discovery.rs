@@ -27,14 +27,19 @@ pub fn find_model(explicit: Option<&Path>, root: &Path) -> Result<Option<PathBuf
 pub fn search(dir: &Path) -> Option<PathBuf> {
     let flat = matcher("*.gguf");
     let nested = matcher("**/*.gguf");
+    // Hidden entries (models/.cache, ...) are skipped, as a shell glob does.
+    let hidden =
+        |e: &walkdir::DirEntry| e.depth() > 0 && e.file_name().to_string_lossy().starts_with('.');
     let mut files: Vec<PathBuf> = WalkDir::new(dir)
         .follow_links(true)
         .into_iter()
+        .filter_entry(|e| !hidden(e))
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
         .filter_map(|e| e.path().strip_prefix(dir).ok().map(Path::to_path_buf))
         .collect();
-    files.sort();
+    // Sorted as strings ("a-b/x" before "a/x"), as the seed sorted paths.
+    files.sort_by_key(|p| p.to_string_lossy().into_owned());
     let first = |m: &GlobMatcher| files.iter().find(|p| m.is_match(p)).map(|p| dir.join(p));
     first(&flat).or_else(|| first(&nested))
 }
@@ -80,7 +85,11 @@ mod tests {
         touch(dir.path(), "x/deep/q.gguf");
         touch(dir.path(), "b/m.gguf");
         touch(dir.path(), "b/a.txt");
+        touch(dir.path(), ".cache/a.gguf");
         assert_eq!(search(dir.path()), Some(dir.path().join("b/m.gguf")));
+        touch(dir.path(), "a-b/z.gguf");
+        touch(dir.path(), "a/z.gguf");
+        assert_eq!(search(dir.path()), Some(dir.path().join("a-b/z.gguf")));
     }
 
     #[test]

@@ -82,6 +82,8 @@ impl LlamaDecoder {
         let (worker_path, worker_config) = (model_path.clone(), config.clone());
         let worker = std::thread::Builder::new()
             .name("tofy-llama".into())
+            // llama.cpp's tokenizers may recurse deeply (std::regex) on long text.
+            .stack_size(8 << 20)
             .spawn(move || run_worker(&worker_path, &worker_config, &ready_tx, &jobs_rx))?;
         match ready_rx.recv() {
             Ok(Ok(context_size)) => Ok(Self {
@@ -140,14 +142,31 @@ impl Decoder for LlamaDecoder {
         };
         let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
         jobs.send(job).map_err(|_| DecoderError::WorkerGone)?;
+        // What the sink accepted: after a cancel the worker may have produced
+        // a few more pieces before it saw the flag, and those never count.
+        let mut delivered = String::new();
         for event in events_rx {
             match event {
                 Event::Piece(piece) => {
-                    if !cancel.load(Ordering::Relaxed) && sink(&piece).is_break() {
+                    if cancel.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    delivered.push_str(&piece);
+                    if sink(&piece).is_break() {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }
-                Event::Done(result) => return result,
+                Event::Done(result) => {
+                    return result.map(|mut generation| {
+                        if generation.finish_reason == FinishReason::Cancelled
+                            || cancel.load(Ordering::Relaxed)
+                        {
+                            generation.finish_reason = FinishReason::Cancelled;
+                            generation.text = delivered;
+                        }
+                        generation
+                    });
+                }
             }
         }
         Err(DecoderError::WorkerGone)
@@ -265,6 +284,9 @@ impl Loaded {
         stops.extend(request.stop.iter().cloned());
         let vocab = self.model.vocab();
         let tokens = vocab.tokenize(text.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(DecoderError::EmptyPrompt);
+        }
         let context_size = self.context_size;
         // At least one position must remain for the first generated token.
         if tokens.len() >= context_size {
@@ -280,8 +302,13 @@ impl Loaded {
         let prompt_time = start.elapsed();
 
         let mut sampler = sampler(&request.sampling, self.model.n_vocab());
+        // As llama.cpp's own tools do: the repeat penalty window starts with
+        // the end of the prompt, not empty. (`sample` accepts new tokens.)
+        let window = tokens.len().saturating_sub(PENALTY_LAST_N as usize);
+        sampler.accept_many(&tokens[window..]);
         let budget = request.max_new_tokens.min(context_size - tokens.len());
-        let mut utf8 = encoding_rs::UTF_8.new_decoder();
+        // No BOM sniffing: the bytes are UTF-8 by definition.
+        let mut utf8 = encoding_rs::UTF_8.new_decoder_without_bom_handling();
         let mut scanner = StopScanner::new(&stops);
         let mut out = Output::new(job, start);
         let mut bytes = Vec::new();
@@ -302,7 +329,10 @@ impl Loaded {
             generated += 1;
             bytes.clear();
             vocab.token_to_piece_into(token, &mut bytes, false, None);
-            let mut piece = String::with_capacity(bytes.len() + 4);
+            let mut piece = String::with_capacity(
+                utf8.max_utf8_buffer_length(bytes.len())
+                    .unwrap_or(4 * bytes.len() + 16),
+            );
             // A token may end inside a UTF-8 sequence: the decoder keeps the
             // partial bytes for the next token instead of emitting U+FFFD.
             let _ = utf8.decode_to_string(&bytes, &mut piece, false);
@@ -318,7 +348,7 @@ impl Loaded {
             logits_at = 0;
         };
         if finish != FinishReason::Cancelled {
-            let mut rest = String::with_capacity(8);
+            let mut rest = String::with_capacity(16);
             let _ = utf8.decode_to_string(&[], &mut rest, true);
             rest.push_str(&scanner.finish());
             out.emit(&rest);

@@ -182,6 +182,8 @@ pub enum DecoderError {
         prompt_tokens: usize,
         context: usize,
     },
+    #[error("the prompt is empty after tokenization; send some text")]
+    EmptyPrompt,
     #[error("the chat template of {path} failed: {message}")]
     Template { path: PathBuf, message: String },
     #[error("llama.cpp failed to evaluate the batch: {0}")]

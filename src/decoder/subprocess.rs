@@ -4,7 +4,8 @@
 //! marker; token counts come from the timing lines it prints on stderr. The
 //! child is killed when the caller cancels, and on drop.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -54,20 +55,34 @@ impl SubprocessDecoder {
         if let Some(seed) = s.seed {
             cmd.args(["--seed", &seed.to_string()]);
         }
-        // Plain completion of the prompt we formatted, no interactive chat.
-        cmd.args(["--no-display-prompt", "-no-cnv"]);
+        // Plain completion of the prompt we formatted, no interactive chat,
+        // and the prompt taken literally (llama.cpp unescapes \n and \\ by default).
+        cmd.args(["--no-display-prompt", "-no-cnv", "--no-escape"]);
         cmd
     }
 }
 
-/// Kills and reaps the child unless it already finished.
+/// Kills (with its process group) and reaps the child unless it already
+/// finished.
 struct ChildGuard(Child);
+
+impl ChildGuard {
+    fn kill_group(&mut self) {
+        if let Ok(None) = self.0.try_wait()
+            && let Ok(pid) = i32::try_from(self.0.id())
+        {
+            // SAFETY: kill(2) with a negative pid signals the process group
+            // the child leads (process_group(0) made it a leader).
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
+        self.kill_group();
         let _ = self.0.wait();
     }
 }
@@ -99,16 +114,17 @@ impl Decoder for SubprocessDecoder {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child =
-            ChildGuard(
-                command
-                    .spawn()
-                    .map_err(|source| DecoderError::BinaryNotFound {
-                        bin: self.config.bin.clone(),
-                        source,
-                    })?,
-            );
+            .stderr(Stdio::piped())
+            // Its own process group, so that a wrapper script's children
+            // are killed with it.
+            .process_group(0);
+        let mut child = ChildGuard(command.spawn().map_err(|source| match source.kind() {
+            ErrorKind::NotFound | ErrorKind::PermissionDenied => DecoderError::BinaryNotFound {
+                bin: self.config.bin.clone(),
+                source,
+            },
+            _ => DecoderError::Io(source),
+        })?);
         let mut stdout = child.0.stdout.take().expect("stdout is piped");
         let mut stderr = child.0.stderr.take().expect("stderr is piped");
         // stderr is drained on its own thread so a chatty child never blocks.
@@ -129,25 +145,17 @@ impl Decoder for SubprocessDecoder {
         let mut end_marker = StopScanner::new(&[END_OF_TEXT.to_string()]);
         let mut scanner = StopScanner::new(&stops);
         let mut echo = EchoStripper::new(&text);
-        let mut utf8 = encoding_rs::UTF_8.new_decoder();
-        let mut out = String::new();
-        let mut first = None;
+        let mut utf8 = encoding_rs::UTF_8.new_decoder_without_bom_handling();
+        let mut out = Emitter::new(start, sink);
         let mut buf = [0u8; 4096];
         let mut finish = FinishReason::Length;
         // Set when we end the child early (a stop string or cancellation).
         let mut kill = false;
-        let mut emit = |piece: &str, out: &mut String| {
-            if piece.is_empty() {
-                return true;
-            }
-            first.get_or_insert_with(|| start.elapsed());
-            out.push_str(piece);
-            sink(piece).is_continue()
-        };
         loop {
             let n = stdout.read(&mut buf)?;
             let at_end = n == 0;
-            let mut piece = String::with_capacity(n + 4);
+            let mut piece =
+                String::with_capacity(utf8.max_utf8_buffer_length(n).unwrap_or(4 * n + 16));
             let _ = utf8.decode_to_string(&buf[..n], &mut piece, at_end);
             let mut marked = end_marker.push(&echo.push(&piece, at_end));
             if at_end {
@@ -157,7 +165,7 @@ impl Decoder for SubprocessDecoder {
             if (at_end || marked.stopped) && !released.stopped {
                 released.text.push_str(&scanner.finish());
             }
-            if !emit(&released.text, &mut out) {
+            if !out.emit(&released.text) {
                 (finish, kill) = (FinishReason::Cancelled, true);
                 break;
             }
@@ -175,15 +183,24 @@ impl Decoder for SubprocessDecoder {
                 break;
             }
         }
+        // llama.cpp prints "\n\n" after a generation that hit -n, before its
+        // timings: not the model's text.
+        out.finish(finish == FinishReason::Length);
         if kill {
             // Ended early: the child must not keep generating into a pipe
             // nobody reads.
             drop(stdout);
-            let _ = child.0.kill();
+            child.kill_group();
         }
         let status = child.0.wait()?;
         let stderr_text = stderr_reader.join().unwrap_or_default();
         if !kill && !status.success() {
+            if let Some((prompt_tokens, context)) = prompt_too_long(&stderr_text) {
+                return Err(DecoderError::ContextExceeded {
+                    prompt_tokens,
+                    context,
+                });
+            }
             return Err(DecoderError::ProcessFailed {
                 bin: self.config.bin.clone(),
                 status: status.to_string(),
@@ -191,20 +208,88 @@ impl Decoder for SubprocessDecoder {
             });
         }
         let counts = PerfCounts::parse(&stderr_text);
-        if finish == FinishReason::Length && counts.generated < request.max_new_tokens {
-            // The child stopped on its own before the limit: an end of turn.
-            finish = FinishReason::Stop;
-        }
+        // llama.cpp counts evaluations: after an end of turn every emitted
+        // token was evaluated; at the -n limit the last one was not.
+        let completion_tokens = match finish {
+            FinishReason::Length => (counts.evaluated + 1).min(request.max_new_tokens),
+            _ => counts.evaluated,
+        };
         Ok(Generation {
-            text: out,
+            text: out.text,
             finish_reason: finish,
             prompt_tokens: counts.prompt,
-            completion_tokens: counts.generated,
-            time_to_first_token: first.unwrap_or_else(|| start.elapsed()),
+            completion_tokens,
+            time_to_first_token: out.first.unwrap_or_else(|| start.elapsed()),
             prompt_time: None,
             total_time: start.elapsed(),
         })
     }
+}
+
+/// Hands text to the sink, holding trailing newlines back until more text
+/// follows (so that llama.cpp's closing "\n\n" can be told apart).
+struct Emitter<'s, 'a> {
+    start: Instant,
+    sink: &'s mut Sink<'a>,
+    text: String,
+    newlines: String,
+    first: Option<std::time::Duration>,
+}
+
+impl<'s, 'a> Emitter<'s, 'a> {
+    fn new(start: Instant, sink: &'s mut Sink<'a>) -> Self {
+        Self {
+            start,
+            sink,
+            text: String::new(),
+            newlines: String::new(),
+            first: None,
+        }
+    }
+
+    /// False when the sink asks to stop.
+    fn emit(&mut self, piece: &str) -> bool {
+        let body = piece.trim_end_matches('\n');
+        if body.is_empty() {
+            self.newlines.push_str(piece);
+            return true;
+        }
+        let mut out = std::mem::take(&mut self.newlines);
+        out.push_str(body);
+        self.newlines.push_str(&piece[body.len()..]);
+        self.send(&out)
+    }
+
+    fn send(&mut self, piece: &str) -> bool {
+        if piece.is_empty() {
+            return true;
+        }
+        self.first.get_or_insert_with(|| self.start.elapsed());
+        self.text.push_str(piece);
+        (self.sink)(piece).is_continue()
+    }
+
+    /// Releases held newlines, less llama.cpp's closing two when asked.
+    fn finish(&mut self, drop_closing: bool) {
+        let mut held = std::mem::take(&mut self.newlines);
+        if drop_closing {
+            held.truncate(held.len().saturating_sub(2));
+        }
+        self.send(&held);
+    }
+}
+
+/// `prompt is too long (N tokens, max M)` from llama.cpp's completion tool.
+fn prompt_too_long(stderr: &str) -> Option<(usize, usize)> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("prompt is too long ("))?;
+    let inside = line.split("prompt is too long (").nth(1)?;
+    let mut numbers = inside
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<usize>);
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
 }
 
 /// The last non-empty stderr lines, for an error message.
@@ -261,7 +346,8 @@ impl EchoStripper {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct PerfCounts {
     prompt: usize,
-    generated: usize,
+    /// Single-token evaluations ("runs").
+    evaluated: usize,
 }
 
 impl PerfCounts {
@@ -279,7 +365,7 @@ impl PerfCounts {
             if line.contains("prompt eval time") {
                 counts.prompt = count(line).unwrap_or(0);
             } else if line.contains(" eval time") {
-                counts.generated = count(line).unwrap_or(0);
+                counts.evaluated = count(line).unwrap_or(0);
             }
         }
         counts
@@ -302,6 +388,15 @@ mod tests {
     }
 
     #[test]
+    fn prompt_too_long_is_read_from_stderr() {
+        assert_eq!(
+            prompt_too_long("main: error: prompt is too long (5000 tokens, max 4092)\n"),
+            Some((5000, 4092))
+        );
+        assert_eq!(prompt_too_long("other failure"), None);
+    }
+
+    #[test]
     fn perf_lines_give_token_counts() {
         let stderr = "\
 llama_perf_context_print:        load time =     101.10 ms
@@ -312,7 +407,7 @@ llama_perf_context_print:        eval time =     300.00 ms /    33 runs   (    9
             PerfCounts::parse(stderr),
             PerfCounts {
                 prompt: 12,
-                generated: 33
+                evaluated: 33
             }
         );
     }
