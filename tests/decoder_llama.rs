@@ -72,6 +72,32 @@ fn greedy_is_deterministic_streams_and_honours_max_new_tokens() {
 }
 
 #[test]
+fn a_shared_prefix_is_reused_and_changes_nothing() {
+    let mut warm = load(1024);
+    let first = request("Name three colours.", 12);
+    let (g1, _) = generate(&mut warm, &first);
+    assert_eq!(g1.cached_tokens, 0, "a fresh context has nothing to reuse");
+
+    // The same conversation again: everything but the last prompt token.
+    let (g2, _) = generate(&mut warm, &first);
+    assert_eq!(g2.cached_tokens, g2.prompt_tokens - 1);
+    assert_eq!(g2.text, g1.text);
+
+    // Same system message, another question: only the shared head is
+    // reused, and the reply is what a fresh context gives.
+    let second = request("What is the capital of France?", 12);
+    let (g3, _) = generate(&mut warm, &second);
+    assert!(
+        g3.cached_tokens > 5 && g3.cached_tokens < g3.prompt_tokens - 5,
+        "{} of {}",
+        g3.cached_tokens,
+        g3.prompt_tokens
+    );
+    let (fresh, _) = generate(&mut load(1024), &second);
+    assert_eq!(g3.text, fresh.text);
+}
+
+#[test]
 fn a_short_answer_ends_on_the_end_of_generation_token() {
     let mut decoder = load(1024);
     let (g, _) = generate(&mut decoder, &request("Say just the word: yes", 200));

@@ -195,6 +195,7 @@ struct JsonReply<'a> {
     world_tokens: usize,
     conditioning: &'a [f32],
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     timings: Timings,
 }
@@ -229,6 +230,7 @@ impl<'a> JsonReply<'a> {
             world_tokens: reply.conditioning.world_tokens,
             conditioning: &reply.conditioning.vector,
             prompt_tokens: g.prompt_tokens,
+            cached_tokens: g.cached_tokens,
             completion_tokens: g.completion_tokens,
             timings: Timings {
                 world_ms: ms(reply.world_time),

@@ -198,8 +198,16 @@ fn run_worker(
     if ready.send(Ok(loaded.context_size)).is_err() {
         return;
     }
+    // Tokens whose keys and values sit in the context (sequence 0), so that a
+    // prompt sharing a prefix with the last one (the same system message,
+    // an agent resending its conversation) only evaluates what is new.
+    let mut cached = Vec::new();
     for job in jobs {
-        let result = loaded.generate(&mut context, &job);
+        let result = loaded.generate(&mut context, &mut cached, &job);
+        if result.is_err() {
+            // A failed evaluation leaves the context's contents unknown.
+            cached.clear();
+        }
         let _ = job.events.send(Event::Done(result));
     }
 }
@@ -276,6 +284,7 @@ impl Loaded {
     fn generate(
         &self,
         context: &mut LlamaContext<'_>,
+        cached: &mut Vec<LlamaToken>,
         job: &Job,
     ) -> Result<Generation, DecoderError> {
         let start = Instant::now();
@@ -296,9 +305,13 @@ impl Loaded {
             });
         }
 
-        context.clear_kv_cache();
+        // At least the last prompt token is evaluated again: its logits pick
+        // the first new token.
+        let reuse = reuse_prefix(context, cached, &tokens);
+        cached.clear(); // rebuilt below once the context holds it again
         let mut batch = LlamaBatch::new(context.n_batch() as usize, 1);
-        prefill(context, &mut batch, &tokens)?;
+        prefill(context, &mut batch, &tokens[reuse..], reuse)?;
+        cached.extend_from_slice(&tokens);
         let prompt_time = start.elapsed();
 
         let mut sampler = sampler(&request.sampling, self.model.n_vocab());
@@ -344,6 +357,7 @@ impl Loaded {
                 break FinishReason::Stop;
             }
             decode_one(context, &mut batch, token, position)?;
+            cached.push(token);
             position += 1;
             logits_at = 0;
         };
@@ -357,6 +371,7 @@ impl Loaded {
             text: out.text,
             finish_reason: finish,
             prompt_tokens: tokens.len(),
+            cached_tokens: reuse,
             completion_tokens: generated,
             time_to_first_token: out.first.unwrap_or_else(|| start.elapsed()),
             prompt_time: Some(prompt_time),
@@ -397,18 +412,44 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Evaluates the prompt in batches of n_batch; logits only for the last token.
+/// How many leading prompt tokens can stay in the context: the common prefix
+/// with what it holds, less one so the last prompt token is evaluated. The
+/// rest of the sequence is removed; when llama.cpp cannot remove a part
+/// (recurrent models), everything is.
+fn reuse_prefix(
+    context: &mut LlamaContext<'_>,
+    cached: &[LlamaToken],
+    tokens: &[LlamaToken],
+) -> usize {
+    let common = cached
+        .iter()
+        .zip(tokens)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(tokens.len() - 1);
+    let position = u32::try_from(common).unwrap_or(u32::MAX);
+    if common > 0 && context.clear_kv_cache_seq(Some(0), Some(position), None) == Ok(true) {
+        return common;
+    }
+    context.clear_kv_cache();
+    0
+}
+
+/// Evaluates `tokens` from position `start` in batches of n_batch; logits
+/// only for the last token.
 fn prefill(
     context: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch,
     tokens: &[LlamaToken],
+    start: usize,
 ) -> Result<(), DecoderError> {
     let n_batch = context.n_batch() as usize;
     for (i, chunk) in tokens.chunks(n_batch).enumerate() {
         batch.clear();
         for (j, &token) in chunk.iter().enumerate() {
-            let position = i * n_batch + j;
-            let last = position + 1 == tokens.len();
+            let index = i * n_batch + j;
+            let position = start + index;
+            let last = index + 1 == tokens.len();
             batch
                 .add(token, position as i32, &[0], last)
                 .map_err(|e| DecoderError::Decode(e.to_string()))?;

@@ -128,6 +128,9 @@ pub struct Generation {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose evaluation was reused from the previous request
+    /// (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// From the call to the first piece handed to the sink (or to the end
     /// when nothing was generated).

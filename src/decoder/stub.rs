@@ -88,6 +88,7 @@ impl Decoder for StubDecoder {
             },
             completion_tokens: count,
             time_to_first_token: first.unwrap_or_else(|| start.elapsed()),
+            cached_tokens: 0,
             prompt_time: None,
             total_time: start.elapsed(),
         })

@@ -220,6 +220,7 @@ impl Decoder for SubprocessDecoder {
             prompt_tokens: counts.prompt,
             completion_tokens,
             time_to_first_token: out.first.unwrap_or_else(|| start.elapsed()),
+            cached_tokens: 0,
             prompt_time: None,
             total_time: start.elapsed(),
         })
