@@ -12,6 +12,8 @@ use tofy::decoder::{
     Sampling,
 };
 
+use common::generate_collecting as generate;
+
 fn config(ctx: u32) -> DecoderConfig {
     DecoderConfig {
         ctx,
@@ -35,21 +37,6 @@ fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
         max_new_tokens,
         Sampling::greedy(),
     )
-}
-
-/// Generates, collecting the streamed pieces too.
-fn generate(
-    decoder: &mut LlamaDecoder,
-    request: &GenerateRequest,
-) -> (tofy::decoder::Generation, Vec<String>) {
-    let mut pieces = Vec::new();
-    let generation = decoder
-        .generate(request, &mut |p: &str| {
-            pieces.push(p.to_string());
-            ControlFlow::Continue(())
-        })
-        .expect("generate");
-    (generation, pieces)
 }
 
 #[test]

@@ -16,6 +16,8 @@ use tofy::decoder::{
     Role, Sampling,
 };
 
+use common::generate_collecting as collect;
+
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}")).unwrap();
@@ -47,20 +49,6 @@ fn request(max_new_tokens: usize) -> GenerateRequest {
             ..Sampling::greedy()
         },
     )
-}
-
-fn collect(
-    d: &mut SubprocessDecoder,
-    req: &GenerateRequest,
-) -> (tofy::decoder::Generation, Vec<String>) {
-    let mut pieces = Vec::new();
-    let g = d
-        .generate(req, &mut |p: &str| {
-            pieces.push(p.to_string());
-            ControlFlow::Continue(())
-        })
-        .expect("generate");
-    (g, pieces)
 }
 
 #[test]

@@ -104,70 +104,62 @@ impl DecoderArgs {
     }
 }
 
+/// Parses `s` as a `T` that `ok` accepts; otherwise the error `what`, which
+/// names both the variable and the flag.
+fn parse_checked<T: std::str::FromStr>(
+    s: &str,
+    what: &str,
+    ok: impl Fn(&T) -> bool,
+) -> Result<T, String> {
+    s.trim()
+        .parse::<T>()
+        .ok()
+        .filter(ok)
+        .ok_or_else(|| what.to_string())
+}
+
 fn parse_ctx(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("JEPA_DECODER_CTX / --ctx must be a whole number of tokens, at least 1".into()),
-    }
+    let what = "JEPA_DECODER_CTX / --ctx must be a whole number of tokens, at least 1";
+    parse_checked(s, what, |&n| n >= 1)
 }
 
 fn parse_ngl(s: &str) -> Result<u32, String> {
-    s.trim().parse::<u32>().map_err(|_| {
-        "JEPA_DECODER_NGL / --ngl must be a whole number of layers, 0 or more (0 = CPU only)".into()
-    })
-}
-
-fn parse_float(s: &str, what: &str, ok: impl Fn(f32) -> bool) -> Result<f32, String> {
-    match s.trim().parse::<f32>() {
-        Ok(v) if v.is_finite() && ok(v) => Ok(v),
-        _ => Err(what.to_string()),
-    }
+    let what =
+        "JEPA_DECODER_NGL / --ngl must be a whole number of layers, 0 or more (0 = CPU only)";
+    parse_checked(s, what, |_| true)
 }
 
 fn parse_temp(s: &str) -> Result<f32, String> {
-    parse_float(
-        s,
-        "JEPA_DECODER_TEMP / --temp must be a number, 0 or more",
-        |v| v >= 0.0,
-    )
+    let what = "JEPA_DECODER_TEMP / --temp must be a number, 0 or more";
+    parse_checked(s, what, |v: &f32| v.is_finite() && *v >= 0.0)
 }
 
 fn parse_repeat_penalty(s: &str) -> Result<f32, String> {
-    parse_float(
-        s,
-        "JEPA_DECODER_REPEAT_PENALTY / --repeat-penalty must be a number above 0 (1 = off)",
-        |v| v > 0.0,
-    )
+    let what = "JEPA_DECODER_REPEAT_PENALTY / --repeat-penalty must be a number above 0 (1 = off)";
+    parse_checked(s, what, |v: &f32| v.is_finite() && *v > 0.0)
 }
 
 fn parse_top_p(s: &str) -> Result<f32, String> {
-    parse_float(s, "JEPA_DECODER_TOP_P / --top-p must be in (0, 1]", |v| {
-        v > 0.0 && v <= 1.0
-    })
+    let what = "JEPA_DECODER_TOP_P / --top-p must be in (0, 1]";
+    parse_checked(s, what, |&v| v > 0.0 && v <= 1.0)
 }
 
 fn parse_min_p(s: &str) -> Result<f32, String> {
-    parse_float(s, "JEPA_DECODER_MIN_P / --min-p must be in [0, 1]", |v| {
-        (0.0..=1.0).contains(&v)
-    })
+    let what = "JEPA_DECODER_MIN_P / --min-p must be in [0, 1]";
+    parse_checked(s, what, |v| (0.0..=1.0).contains(v))
 }
 
 fn parse_top_k(s: &str) -> Result<i32, String> {
-    match s.trim().parse::<i32>() {
-        Ok(k) if k >= 0 => Ok(k),
-        _ => Err("JEPA_DECODER_TOP_K / --top-k must be a whole number, 0 or more (0 = off)".into()),
-    }
+    let what = "JEPA_DECODER_TOP_K / --top-k must be a whole number, 0 or more (0 = off)";
+    parse_checked(s, what, |&k| k >= 0)
 }
 
 fn parse_seed(s: &str) -> Result<u32, String> {
-    s.trim().parse::<u32>().map_err(|_| {
-        "JEPA_DECODER_SEED / --seed must be a whole number from 0 to 4294967295".into()
-    })
+    let what = "JEPA_DECODER_SEED / --seed must be a whole number from 0 to 4294967295";
+    parse_checked(s, what, |_| true)
 }
 
 fn parse_threads(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("JEPA_DECODER_THREADS / --threads must be a whole number, at least 1".into()),
-    }
+    let what = "JEPA_DECODER_THREADS / --threads must be a whole number, at least 1";
+    parse_checked(s, what, |&n| n >= 1)
 }

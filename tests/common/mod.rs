@@ -275,3 +275,18 @@ pub fn fails(out: std::process::Output) -> String {
     assert!(lines[0].starts_with("error: "), "{stderr}");
     lines[0].to_string()
 }
+
+/// Runs `request` on `decoder`, returning the result and the streamed pieces.
+pub fn generate_collecting(
+    decoder: &mut dyn tofy::decoder::Decoder,
+    request: &tofy::decoder::GenerateRequest,
+) -> (tofy::decoder::Generation, Vec<String>) {
+    let mut pieces = Vec::new();
+    let generation = decoder
+        .generate(request, &mut |p: &str| {
+            pieces.push(p.to_string());
+            std::ops::ControlFlow::Continue(())
+        })
+        .expect("generate");
+    (generation, pieces)
+}
