@@ -120,24 +120,42 @@ fn chunks(vector: &[f32]) -> String {
     out
 }
 
+/// Mean, population standard deviation and L2 norm of a vector, in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub mean: f64,
+    pub std: f64,
+    pub l2: f64,
+}
+
+impl Summary {
+    pub fn of(vector: &[f32]) -> Self {
+        let n = vector.len() as f64;
+        let mean = vector.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = vector
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let l2 = vector
+            .iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        Self {
+            mean,
+            std: var.sqrt(),
+            l2,
+        }
+    }
+}
+
 /// `mean=…,std=…,l2=…,head=[…]`: population std, head = first 8 values.
 fn stats(vector: &[f32]) -> String {
-    let n = vector.len() as f64;
-    let mean = vector.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = vector
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / n;
-    let l2 = vector
-        .iter()
-        .map(|&v| f64::from(v).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let Summary { mean, std, l2 } = Summary::of(vector);
     let head: Vec<String> = vector.iter().take(8).map(|v| format!("{v:.3}")).collect();
     format!(
-        "mean={mean:.4},std={:.4},l2={l2:.4},head=[{}]",
-        var.sqrt(),
+        "mean={mean:.4},std={std:.4},l2={l2:.4},head=[{}]",
         head.join(",")
     )
 }

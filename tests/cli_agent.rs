@@ -48,36 +48,9 @@ fn the_seed_form_and_the_subcommand_give_the_same_reply() {
         ("JEPA_DECODER_NGL", "0"),
     ];
     let prompt = "write a short gpu recommendation";
-    let seed = tofy(
-        &[
-            "--infer-agent",
-            WORLD,
-            VOCAB,
-            prompt,
-            "128",
-            "32",
-            "2",
-            "4",
-            "256",
-            "24",
-        ],
-        &env,
-    );
-    let sub = tofy(
-        &[
-            "infer-agent",
-            WORLD,
-            VOCAB,
-            prompt,
-            "128",
-            "32",
-            "2",
-            "4",
-            "256",
-            "24",
-        ],
-        &env,
-    );
+    let rest = [WORLD, VOCAB, prompt, "128", "32", "2", "4", "256", "24"];
+    let seed = tofy(&[&["--infer-agent"], &rest[..]].concat(), &env);
+    let sub = tofy(&[&["infer-agent"], &rest[..]].concat(), &env);
     let text = stdout(&seed);
     assert!(text.trim().len() > 10, "{text:?}");
     assert_eq!(text, stdout(&sub));

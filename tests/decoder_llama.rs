@@ -12,7 +12,7 @@ use tofy::decoder::{
     Sampling,
 };
 
-use common::generate_collecting as generate;
+use common::{cancel_after, generate_collecting as generate};
 
 fn config(ctx: u32) -> DecoderConfig {
     DecoderConfig {
@@ -133,17 +133,7 @@ fn stop_strings_stop_before_the_match() {
 fn cancelling_ends_the_generation_and_the_decoder_goes_on() {
     let mut decoder = load(1024);
     let req = request("Write a long story about the sea.", 100);
-    let mut seen = 0;
-    let g = decoder
-        .generate(&req, &mut |_: &str| {
-            seen += 1;
-            if seen == 3 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-        .unwrap();
+    let g = decoder.generate(&req, &mut cancel_after(3)).unwrap();
     assert_eq!(g.finish_reason, FinishReason::Cancelled);
     assert!(g.completion_tokens < 10, "{}", g.completion_tokens);
     let (next, _) = generate(&mut decoder, &request("Say hello.", 8));

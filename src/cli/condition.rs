@@ -8,6 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::WorldSizeArgs;
+use crate::conditioning::Summary;
 use crate::world::{Conditioned, LoadOptions};
 
 #[derive(Debug, Args)]
@@ -91,20 +92,7 @@ pub fn run(args: ConditionArgs) -> anyhow::Result<()> {
 
 /// `[1] "prompt": 6 tokens -> 256 values, mean .., std .., l2 .., head [..]`.
 fn summary(index: usize, prompt: &str, r: &Conditioned, max_seq: usize, ablated: bool) -> String {
-    let n = r.vector.len() as f64;
-    let mean = r.vector.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = r
-        .vector
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / n;
-    let l2 = r
-        .vector
-        .iter()
-        .map(|&v| f64::from(v).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let Summary { mean, std, l2 } = Summary::of(&r.vector);
     let head: Vec<String> = r.vector.iter().take(4).map(|v| format!("{v:.4}")).collect();
     let truncated = if r.total_tokens > r.tokens {
         format!(" (truncated from {} to max_seq {max_seq})", r.total_tokens)
@@ -116,7 +104,7 @@ fn summary(index: usize, prompt: &str, r: &Conditioned, max_seq: usize, ablated:
         "[{index}] {prompt:?}: {} tokens{truncated} -> {} values{note}: mean {mean:.4}, std {:.4}, l2 {l2:.4}, head [{}, ...]",
         r.tokens,
         r.vector.len(),
-        var.sqrt(),
+        std,
         head.join(", ")
     )
 }

@@ -290,3 +290,16 @@ pub fn generate_collecting(
         .expect("generate");
     (generation, pieces)
 }
+
+/// A sink that takes `n` pieces and asks to stop at the n-th.
+pub fn cancel_after(n: usize) -> impl FnMut(&str) -> std::ops::ControlFlow<()> {
+    let mut seen = 0;
+    move |_| {
+        seen += 1;
+        if seen >= n {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+}
