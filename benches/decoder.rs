@@ -52,7 +52,7 @@ fn main() {
         threads,
         ..DecoderConfig::default()
     };
-    let mut decoder = LlamaDecoder::load(&gguf, &cfg).expect("load the GGUF");
+    let decoder = LlamaDecoder::load(&gguf, &cfg).expect("load the GGUF");
 
     // A text prompt of about np tokens (the exact count is printed). Each
     // repetition starts on another word, so nothing of the previous prompt
@@ -109,7 +109,7 @@ fn main() {
             Sampling::greedy(),
         )
     };
-    let ttft = |d: &mut dyn Decoder, reps: usize| {
+    let ttft = |d: &dyn Decoder, reps: usize| {
         median(
             questions[..reps]
                 .iter()
@@ -121,7 +121,7 @@ fn main() {
                 .collect(),
         )
     };
-    let in_process = ttft(&mut decoder, 5);
+    let in_process = ttft(&decoder, 5);
     println!(
         "tofy ttft in-process {:.1} ms (median of 5 questions, shared system message reused)",
         in_process.as_secs_f64() * 1e3

@@ -92,7 +92,7 @@ impl Engine {
 
     /// Runs one turn, streaming the reply into `sink`.
     pub fn infer(
-        &mut self,
+        &self,
         request: &AgentRequest,
         sink: &mut Sink<'_>,
     ) -> Result<AgentReply, EngineError> {

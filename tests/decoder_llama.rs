@@ -41,10 +41,10 @@ fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
 
 #[test]
 fn greedy_is_deterministic_streams_and_honours_max_new_tokens() {
-    let mut decoder = load(1024);
+    let decoder = load(1024);
     let req = request("Write a long story about a dragon who learns to cook.", 24);
-    let (first, pieces) = generate(&mut decoder, &req);
-    let (second, _) = generate(&mut decoder, &req);
+    let (first, pieces) = generate(&decoder, &req);
+    let (second, _) = generate(&decoder, &req);
     assert!(!first.text.trim().is_empty(), "empty reply");
     assert_eq!(first.text, second.text, "greedy decoding must repeat");
     assert_eq!(pieces.concat(), first.text, "the stream is the reply");
@@ -54,40 +54,40 @@ fn greedy_is_deterministic_streams_and_honours_max_new_tokens() {
     assert!(first.prompt_tokens > 10, "{}", first.prompt_tokens);
 
     // A fresh decoder (new context) gives the same greedy text.
-    let mut other = load(1024);
-    assert_eq!(generate(&mut other, &req).0.text, first.text);
+    let other = load(1024);
+    assert_eq!(generate(&other, &req).0.text, first.text);
 }
 
 #[test]
 fn a_shared_prefix_is_reused_and_changes_nothing() {
-    let mut warm = load(1024);
+    let warm = load(1024);
     let first = request("Name three colours.", 12);
-    let (g1, _) = generate(&mut warm, &first);
+    let (g1, _) = generate(&warm, &first);
     assert_eq!(g1.cached_tokens, 0, "a fresh context has nothing to reuse");
 
     // The same conversation again: everything but the last prompt token.
-    let (g2, _) = generate(&mut warm, &first);
+    let (g2, _) = generate(&warm, &first);
     assert_eq!(g2.cached_tokens, g2.prompt_tokens - 1);
     assert_eq!(g2.text, g1.text);
 
     // Same system message, another question: only the shared head is
     // reused, and the reply is what a fresh context gives.
     let second = request("What is the capital of France?", 12);
-    let (g3, _) = generate(&mut warm, &second);
+    let (g3, _) = generate(&warm, &second);
     assert!(
         g3.cached_tokens > 5 && g3.cached_tokens < g3.prompt_tokens - 5,
         "{} of {}",
         g3.cached_tokens,
         g3.prompt_tokens
     );
-    let (fresh, _) = generate(&mut load(1024), &second);
+    let (fresh, _) = generate(&load(1024), &second);
     assert_eq!(g3.text, fresh.text);
 }
 
 #[test]
 fn a_short_answer_ends_on_the_end_of_generation_token() {
-    let mut decoder = load(1024);
-    let (g, _) = generate(&mut decoder, &request("Say just the word: yes", 200));
+    let decoder = load(1024);
+    let (g, _) = generate(&decoder, &request("Say just the word: yes", 200));
     assert_eq!(g.finish_reason, FinishReason::Stop, "{:?}", g.text);
     assert!(g.completion_tokens < 200);
     assert!(
@@ -99,9 +99,9 @@ fn a_short_answer_ends_on_the_end_of_generation_token() {
 
 #[test]
 fn stop_strings_stop_before_the_match() {
-    let mut decoder = load(1024);
+    let decoder = load(1024);
     let mut req = request("Count from 1 to 20, separated by commas.", 60);
-    let (free, _) = generate(&mut decoder, &req);
+    let (free, _) = generate(&decoder, &req);
     // Stop at a piece of text the free run produced after its start.
     let stop = free
         .text
@@ -120,7 +120,7 @@ fn stop_strings_stop_before_the_match() {
         })
         .unwrap();
     req.stop = vec![stop.1.clone()];
-    let (stopped, pieces) = generate(&mut decoder, &req);
+    let (stopped, pieces) = generate(&decoder, &req);
     assert_eq!(stopped.finish_reason, FinishReason::Stop);
     assert_eq!(stopped.text, free.text[..free.text.find(&stop.1).unwrap()]);
     assert!(
@@ -131,18 +131,18 @@ fn stop_strings_stop_before_the_match() {
 
 #[test]
 fn cancelling_ends_the_generation_and_the_decoder_goes_on() {
-    let mut decoder = load(1024);
+    let decoder = load(1024);
     let req = request("Write a long story about the sea.", 100);
     let g = decoder.generate(&req, &mut cancel_after(3)).unwrap();
     assert_eq!(g.finish_reason, FinishReason::Cancelled);
     assert!(g.completion_tokens < 10, "{}", g.completion_tokens);
-    let (next, _) = generate(&mut decoder, &request("Say hello.", 8));
+    let (next, _) = generate(&decoder, &request("Say hello.", 8));
     assert!(!next.text.is_empty());
 }
 
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
-    let mut decoder = load(64);
+    let decoder = load(64);
     let long = "tell me about the weather ".repeat(40);
     let err = decoder
         .generate(
@@ -159,18 +159,18 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
         "{err}"
     );
     // The decoder still works after the refusal.
-    let (g, _) = generate(&mut decoder, &request("Hi", 4));
+    let (g, _) = generate(&decoder, &request("Hi", 4));
     assert!(g.completion_tokens > 0);
 }
 
 #[test]
 fn max_new_tokens_is_bounded_by_the_context() {
-    let mut decoder = load(64);
+    let decoder = load(64);
     let req = GenerateRequest {
         ignore_eos: true,
         ..request("Write a long story.", 4096)
     };
-    let (g, _) = generate(&mut decoder, &req);
+    let (g, _) = generate(&decoder, &req);
     assert_eq!(g.finish_reason, FinishReason::Length);
     assert_eq!(g.prompt_tokens + g.completion_tokens, 64);
 }
@@ -194,4 +194,44 @@ fn bad_model_files_are_clear_errors() {
         .err()
         .expect("a truncated model must not load");
     assert!(matches!(err, DecoderError::ModelLoad { .. }), "{err}");
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_match_their_single_outputs() {
+    let prompts = [
+        "Write a poem about the sea.",
+        "List three fruits.",
+        "Explain what a CPU does.",
+        "Say hello in French.",
+        "Describe a cat in one sentence.",
+    ];
+    let single = load(512);
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| generate(&single, &request(p, 16)).0.text)
+        .collect();
+    drop(single);
+
+    // Three slots for five requests: two wait in the queue and join as
+    // slots free up.
+    let batched = LlamaDecoder::load(
+        &common::smollm2(),
+        &DecoderConfig {
+            parallel: 3,
+            ..config(512)
+        },
+    )
+    .expect("load SmolLM2 with 3 slots");
+    let got: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let batched = &batched;
+                scope.spawn(move || generate(batched, &request(p, 16)).0.text)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got, expected, "greedy replies must not depend on batching");
+    assert_eq!(batched.active_sequences(), Some(0));
 }

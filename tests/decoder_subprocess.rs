@@ -73,8 +73,8 @@ echo 'llama_perf_context_print:        eval time = 30.00 ms /     3 runs   (10 m
     );
     let model = dir.path().join("m.gguf");
     std::fs::write(&model, b"").unwrap();
-    let mut d = decoder(&bin, &model);
-    let (g, pieces) = collect(&mut d, &request(64));
+    let d = decoder(&bin, &model);
+    let (g, pieces) = collect(&d, &request(64));
     assert_eq!(g.text, " Hello from fake.");
     assert_eq!(pieces.concat(), g.text);
     assert!(pieces.len() >= 2, "streamed as it came: {pieces:?}");
@@ -117,8 +117,8 @@ echo 'llama_perf_context_print: prompt eval time = 5.00 ms / 9 tokens (0.5 ms pe
 echo 'llama_perf_context_print:        eval time = 9.00 ms / 3 runs   (3 ms per token)' >&2
 "#,
     );
-    let mut d = decoder(&bin, &dir.path().join("m.gguf"));
-    let (g, pieces) = collect(&mut d, &request(4));
+    let d = decoder(&bin, &dir.path().join("m.gguf"));
+    let (g, pieces) = collect(&d, &request(4));
     assert_eq!(
         g.text, " one\n\ntwo three",
         "model newlines kept, closing ones dropped"
@@ -170,7 +170,7 @@ fn cancelling_kills_the_child() {
             pid_file.display()
         ),
     );
-    let mut d = decoder(&bin, &dir.path().join("m.gguf"));
+    let d = decoder(&bin, &dir.path().join("m.gguf"));
     let g = d.generate(&request(10_000), &mut cancel_after(3)).unwrap();
     assert_eq!(g.finish_reason, FinishReason::Cancelled);
     let pid: u32 = std::fs::read_to_string(&pid_file)
@@ -188,7 +188,7 @@ fn cancelling_kills_the_child() {
 fn a_missing_binary_and_a_failing_one_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.gguf");
-    let mut d = decoder(&dir.path().join("no-such-llama"), &model);
+    let d = decoder(&dir.path().join("no-such-llama"), &model);
     let err = d
         .generate(&request(4), &mut |_: &str| ControlFlow::Continue(()))
         .unwrap_err();
@@ -226,8 +226,8 @@ fn the_real_llama_completion_where_present() {
         eprintln!("no llama-completion built (scripts/bench-decoder.sh builds it): skipped");
         return;
     };
-    let mut d = decoder(&bin, &common::smollm2());
-    let (g, pieces) = collect(&mut d, &request(16));
+    let d = decoder(&bin, &common::smollm2());
+    let (g, pieces) = collect(&d, &request(16));
     assert!(!g.text.trim().is_empty(), "{g:?}");
     assert!(!g.text.contains("[end of text]"), "{:?}", g.text);
     assert!(!g.text.contains("System:"), "no prompt echo: {:?}", g.text);

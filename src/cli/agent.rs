@@ -140,7 +140,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let world = spec.load(&options)?;
     let config = args.decoder.config();
     let decoder = open_decoder(&config)?;
-    let mut engine = Engine::new(world, decoder, args.decoder.cond_format);
+    let engine = Engine::new(world, decoder, args.decoder.cond_format);
     let request = AgentRequest {
         prompt: pos.prompt.to_string(),
         max_new_tokens: args

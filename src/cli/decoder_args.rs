@@ -90,6 +90,7 @@ impl DecoderArgs {
             threads: self
                 .threads
                 .map_or_else(config::physical_cores, |t| t as usize),
+            parallel: 1,
             sampling: Sampling {
                 temperature: self.temp,
                 top_k: self.top_k,

@@ -114,6 +114,9 @@ pub struct DecoderConfig {
     pub ngl: u32,
     /// CPU threads for llama.cpp.
     pub threads: usize,
+    /// Sequences the llama backend decodes together (the server's
+    /// `--parallel`); each gets `ctx` tokens of its own.
+    pub parallel: usize,
     /// Sampling defaults for requests that do not set their own.
     pub sampling: Sampling,
 }
@@ -128,6 +131,7 @@ impl Default for DecoderConfig {
             ctx: DEFAULT_CTX,
             ngl: DEFAULT_NGL,
             threads: physical_cores(),
+            parallel: 1,
             sampling: Sampling::default(),
         }
     }

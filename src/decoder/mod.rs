@@ -140,20 +140,44 @@ pub struct Generation {
     pub total_time: Duration,
 }
 
+impl Generation {
+    /// A generation cancelled before it started.
+    pub fn cancelled() -> Self {
+        Self {
+            text: String::new(),
+            finish_reason: FinishReason::Cancelled,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            time_to_first_token: Duration::ZERO,
+            prompt_time: None,
+            total_time: Duration::ZERO,
+        }
+    }
+}
+
 /// The piece sink: gets each new piece of text, answers whether to go on.
 pub type Sink<'a> = dyn FnMut(&str) -> ControlFlow<()> + 'a;
 
 /// A text generator. Implementations own their native resources; `generate`
-/// streams into `sink` and returns the whole result.
-pub trait Decoder: Send {
+/// streams into `sink` and returns the whole result. Calls may come from
+/// many threads at once: a backend runs them together (llama) or side by
+/// side (subprocess, stub).
+pub trait Decoder: Send + Sync {
     /// `llama`, `subprocess` or `stub`.
     fn backend(&self) -> BackendKind;
     /// The GGUF file in use, if any.
     fn model_path(&self) -> Option<&Path>;
     /// Context size in tokens, when the backend knows it.
     fn context_size(&self) -> Option<usize>;
+    /// Sequences being evaluated now, where the backend schedules them
+    /// itself (the llama backend's slots); `None` where every call runs at
+    /// once.
+    fn active_sequences(&self) -> Option<usize> {
+        None
+    }
     fn generate(
-        &mut self,
+        &self,
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError>;

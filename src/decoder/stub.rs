@@ -37,7 +37,7 @@ impl Decoder for StubDecoder {
     }
 
     fn generate(
-        &mut self,
+        &self,
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {

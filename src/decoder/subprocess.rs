@@ -101,7 +101,7 @@ impl Decoder for SubprocessDecoder {
     }
 
     fn generate(
-        &mut self,
+        &self,
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {

@@ -278,7 +278,7 @@ pub fn fails(out: std::process::Output) -> String {
 
 /// Runs `request` on `decoder`, returning the result and the streamed pieces.
 pub fn generate_collecting(
-    decoder: &mut dyn tofy::decoder::Decoder,
+    decoder: &dyn tofy::decoder::Decoder,
     request: &tofy::decoder::GenerateRequest,
 ) -> (tofy::decoder::Generation, Vec<String>) {
     let mut pieces = Vec::new();
