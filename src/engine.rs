@@ -67,27 +67,16 @@ impl Engine {
 
     /// The world model's conditioning for `prompt` (zeros when ablated).
     pub fn condition(&self, prompt: &str, ablate: bool) -> Result<Conditioning, WorldError> {
-        let prompts = [prompt];
-        let mut result = if ablate {
-            self.world.ablated(&prompts)?
-        } else {
-            self.world.condition_batch(&prompts)?
-        };
-        let c = result.remove(0);
-        Ok(Conditioning {
-            vector: c.vector,
-            world_tokens: c.tokens,
-            ablated: ablate,
-        })
+        Ok(condition_all(&self.world, &[prompt], ablate)?.remove(0))
     }
 
     /// The conversation the decoder gets: the conditioning system message,
     /// then the user's prompt.
     pub fn messages(&self, conditioning: &Conditioning, prompt: &str) -> Vec<ChatMessage> {
-        vec![
-            ChatMessage::new(Role::System, conditioning.system_message(self.cond_format)),
-            ChatMessage::new(Role::User, prompt),
-        ]
+        with_conditioning(
+            vec![ChatMessage::new(Role::User, prompt)],
+            conditioning.system_message(self.cond_format),
+        )
     }
 
     /// Runs one turn, streaming the reply into `sink`.
@@ -113,5 +102,68 @@ impl Engine {
             generation,
             world_time,
         })
+    }
+}
+
+/// The conditioning of each prompt, from one batched forward pass (zeros
+/// when ablated).
+pub fn condition_all(
+    world: &WorldModel,
+    prompts: &[&str],
+    ablate: bool,
+) -> Result<Vec<Conditioning>, WorldError> {
+    let outputs = if ablate {
+        world.ablated(prompts)?
+    } else {
+        world.condition_batch(prompts)?
+    };
+    Ok(outputs
+        .into_iter()
+        .map(|c| Conditioning {
+            vector: c.vector,
+            world_tokens: c.tokens,
+            ablated: ablate,
+        })
+        .collect())
+}
+
+/// `conversation` with the conditioning system message just before its
+/// latest user message (after the leading system messages when there is
+/// none). Not first: the conditioning changes with every user turn, and
+/// everything before it (the client's system prompt, earlier turns) then
+/// stays a stable prefix whose KV cache the decoder reuses.
+pub fn with_conditioning(mut conversation: Vec<ChatMessage>, system: String) -> Vec<ChatMessage> {
+    let at = conversation
+        .iter()
+        .rposition(|m| m.role == Role::User)
+        .unwrap_or_else(|| {
+            conversation
+                .iter()
+                .take_while(|m| m.role == Role::System)
+                .count()
+        });
+    conversation.insert(at, ChatMessage::new(Role::System, system));
+    conversation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditioning_goes_right_before_the_latest_user_turn() {
+        let m = |role, text: &str| ChatMessage::new(role, text);
+        let conversation = vec![
+            m(Role::System, "rules"),
+            m(Role::User, "one"),
+            m(Role::Assistant, "two"),
+            m(Role::User, "three"),
+            m(Role::Tool, "result"),
+        ];
+        let out = with_conditioning(conversation, "cond".into());
+        let roles: Vec<_> = out.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(roles, ["rules", "one", "two", "cond", "three", "result"]);
+        let only_system = with_conditioning(vec![m(Role::System, "rules")], "cond".into());
+        assert_eq!(only_system[1].content, "cond");
     }
 }

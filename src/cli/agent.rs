@@ -80,12 +80,7 @@ fn positional(rest: &[String]) -> anyhow::Result<Positional<'_>> {
     );
     let mut values = [None; 6];
     for (i, (text, name)) in numbers.iter().zip(POSITIONAL_NAMES).enumerate() {
-        let value: usize = text
-            .parse()
-            .ok()
-            .filter(|&v| v > 0)
-            .with_context(|| format!("{name} '{text}' is not a positive whole number"))?;
-        values[i] = Some(value);
+        values[i] = Some(positive(text, name)?);
     }
     Ok(Positional {
         prompt,
@@ -100,8 +95,16 @@ fn positional(rest: &[String]) -> anyhow::Result<Positional<'_>> {
     })
 }
 
+/// A positional number that must be a positive whole number.
+pub(crate) fn positive(text: &str, name: &str) -> anyhow::Result<usize> {
+    text.parse()
+        .ok()
+        .filter(|&v| v > 0)
+        .with_context(|| format!("{name} '{text}' is not a positive whole number"))
+}
+
 /// Flags win over positional sizes when both are given.
-fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldOverrides {
+pub(crate) fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldOverrides {
     WorldOverrides {
         dim: flags.dim.or(positional.dim),
         max_seq: flags.max_seq.or(positional.max_seq),
@@ -112,9 +115,15 @@ fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldOverrides {
 }
 
 /// Opens the configured decoder and says on stderr what the user should
-/// know about it (an ignored NGL, the stub's advice).
+/// know about it.
 fn open_decoder(config: &DecoderConfig) -> anyhow::Result<Box<dyn decoder::Decoder>> {
     let decoder = decoder::open(config)?;
+    print_notices(decoder.as_ref(), config);
+    Ok(decoder)
+}
+
+/// An ignored NGL, the stub's advice.
+pub(crate) fn print_notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) {
     if decoder.backend() == BackendKind::Llama
         && config.ngl > 0
         && !decoder::llama::gpu_offload_supported()
@@ -127,11 +136,14 @@ fn open_decoder(config: &DecoderConfig) -> anyhow::Result<Box<dyn decoder::Decod
     if decoder.backend() == BackendKind::Stub {
         eprintln!("{}", decoder::STUB_ADVICE);
     }
-    Ok(decoder)
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let (spec, rest) = split_world(&args.inputs)?;
+    let (spec, rest) = split_world(
+        &args.inputs,
+        "[MODEL VOCAB] PROMPT [DIM MAX_SEQ LAYERS HEADS BRIDGE_DIM MAX_NEW_TOKENS]",
+        true,
+    )?;
     let pos = positional(rest)?;
     let options = LoadOptions {
         overrides: merge(args.sizes.into(), pos.overrides),

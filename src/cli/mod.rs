@@ -4,6 +4,7 @@
 mod agent;
 mod condition;
 mod decoder_args;
+mod serve;
 mod train;
 
 use std::ffi::OsString;
@@ -36,6 +37,8 @@ enum Command {
     InferAgent(agent::InferArgs),
     /// Show which world model, GGUF, backend, threads and GPU layers would be used.
     Doctor(agent::DoctorArgs),
+    /// Serve the OpenAI API (chat, completions, models) for OpenCode and other clients.
+    Serve(serve::ServeArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -97,6 +100,7 @@ where
     match cli.command {
         Command::InferAgent(args) => agent::infer(args),
         Command::Doctor(args) => agent::doctor(args),
+        Command::Serve(args) => serve::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),
@@ -143,21 +147,26 @@ impl WorldSpec<'_> {
 /// ends in `.safetensors`, or when both name something on disk (so a
 /// one-word prompt that happens to be a folder name, `tofy infer-agent
 /// docs`, stays a prompt). Otherwise every argument belongs to the command
-/// and the embedded default world model is used.
-pub(crate) fn split_world(args: &[String]) -> anyhow::Result<(WorldSpec<'_>, &[String])> {
+/// and the embedded default world model is used. `usage` is the command's
+/// argument synopsis; with `rest_required`, something must follow.
+pub(crate) fn split_world<'a>(
+    args: &'a [String],
+    usage: &str,
+    rest_required: bool,
+) -> anyhow::Result<(WorldSpec<'a>, &'a [String])> {
     let exists = |arg: &str| std::path::Path::new(arg).exists();
     let names_model = |arg: &str| arg.ends_with(".safetensors");
     match args {
         [model, vocab, rest @ ..] if names_model(model) || (exists(model) && exists(vocab)) => {
             anyhow::ensure!(
-                !rest.is_empty(),
-                "{model} and {vocab} name a world model, but nothing follows them; usage: [MODEL VOCAB] PROMPT..."
+                !rest_required || !rest.is_empty(),
+                "{model} and {vocab} name a world model, but nothing follows them; usage: {usage}"
             );
             Ok((WorldSpec::Files { model, vocab }, rest))
         }
-        [model] if names_model(model) => {
+        [model, ..] if names_model(model) => {
             anyhow::bail!(
-                "{model} looks like a world model, but no vocab_world.txt and prompt follow it; usage: [MODEL VOCAB] PROMPT..."
+                "{model} looks like a world model, but no vocab_world.txt follows it; usage: {usage}"
             )
         }
         _ => Ok((WorldSpec::Default, args)),
@@ -169,6 +178,6 @@ pub(crate) fn world_and_rest<'a>(
     args: &'a [String],
     options: &LoadOptions,
 ) -> anyhow::Result<(WorldModel, &'a [String])> {
-    let (spec, rest) = split_world(args)?;
+    let (spec, rest) = split_world(args, "[MODEL VOCAB] PROMPT...", true)?;
     Ok((spec.load(options)?, rest))
 }

@@ -1,0 +1,202 @@
+//! The OpenAI wire format: what clients send (parsed leniently: unknown
+//! fields are ignored, as OpenAI clients send many) and what goes back.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::conditioning::CondFormat;
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<RequestMessage>,
+    #[serde(flatten)]
+    pub options: GenerationOptions,
+    #[serde(default)]
+    pub tools: Vec<Value>,
+    pub tool_choice: Option<Value>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    #[serde(flatten)]
+    pub options: GenerationOptions,
+}
+
+/// What both endpoints share: sampling, limits, streaming, extensions.
+#[derive(Debug, Default, Deserialize)]
+pub struct GenerationOptions {
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub n: Option<i64>,
+    /// llama-server's extension: keep generating past end-of-turn tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    pub tofy: Option<TofyOptions>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The `"tofy"` extension object.
+#[derive(Debug, Default, Deserialize)]
+pub struct TofyOptions {
+    #[serde(default)]
+    pub ablate_conditioning: bool,
+    pub cond_format: Option<CondFormatName>,
+    #[serde(default)]
+    pub return_conditioning: bool,
+}
+
+/// A conditioning format by name, with the error naming the choices.
+#[derive(Debug, Clone, Copy)]
+pub struct CondFormatName(pub CondFormat);
+
+impl<'de> Deserialize<'de> for CondFormatName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Vec<RequestToolCall>,
+}
+
+/// Message content: a string, or a list of typed parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestToolCall {
+    pub function: RequestFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestFunction {
+    pub name: String,
+    /// A JSON string, as OpenAI sends it (some clients send an object).
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+/// `usage`, with OpenAI's cached-token detail.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
+    }
+}
+
+/// A tool call in a reply.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// The `"tofy"` object in replies when `return_conditioning` is set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConditioningReport {
+    pub cond_format: &'static str,
+    pub text: String,
+    pub vector: Vec<f32>,
+    pub ablated: bool,
+    pub world_tokens: usize,
+}
+
+/// The body of every error reply.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}

@@ -1,0 +1,138 @@
+//! Errors as OpenAI clients expect them: a status code and
+//! `{"error":{"message","type","param","code"}}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use super::api::{ErrorBody, ErrorDetail};
+use crate::decoder::DecoderError;
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 400: the request is malformed or asks for something unsupported.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 400 about one parameter.
+    pub fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::invalid(message)
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            code: Some("invalid_api_key"),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing or wrong API key: send the key given to --api-key (TOFY_API_KEY) as 'Authorization: Bearer KEY'",
+            )
+        }
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "no route {path}: use /v1/chat/completions, /v1/completions, /v1/models, /health or /metrics"
+            ),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{method} is not allowed on {path}"),
+        )
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "request body over {} MiB; send a shorter conversation",
+                limit >> 20
+            ),
+        )
+    }
+
+    /// 503 with the reason (loading, queue full).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+    }
+
+    /// 500 for this request only.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param,
+                code: self.code,
+            },
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(self.body())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::Decoder(err) => err.into(),
+            EngineError::World(err) => Self::internal(format!("world model: {err}")),
+        }
+    }
+}
+
+impl From<DecoderError> for ApiError {
+    fn from(err: DecoderError) -> Self {
+        match err {
+            DecoderError::ContextExceeded { .. } => Self {
+                code: Some("context_length_exceeded"),
+                param: Some("messages"),
+                ..Self::invalid(err.to_string())
+            },
+            DecoderError::EmptyPrompt => Self::invalid_param("messages", err.to_string()),
+            other => Self::internal(format!("decoder: {other}")),
+        }
+    }
+}
