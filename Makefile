@@ -11,14 +11,14 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup build models bench bench-decoder fixture data world-model help
+.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
 	$(TOFY) infer-agent "$(PROMPT)"
 
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
-test: setup models
+test: setup models clients
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked $(FEATURES) --all-targets -- -D warnings
 	$(CARGO) test --release --locked $(FEATURES)
@@ -26,6 +26,10 @@ test: setup models
 ## setup: check the toolchain and install the system packages the build needs
 setup:
 	@scripts/setup.sh
+
+## clients: the official clients the server tests drive (openai in target/clients-venv; AI SDK, OpenCode via npm)
+clients:
+	@scripts/setup-clients.sh
 
 build:
 	$(CARGO) build --release --locked $(FEATURES)
@@ -37,6 +41,10 @@ models:
 ## bench-decoder: tofy vs tgbench vs llama-bench, and in-process vs subprocess time to first token
 bench-decoder: setup build models
 	scripts/bench-decoder.sh
+
+## bench-server: tofy serve vs llama-server -np N, aggregate tok/s and TTFT at 1, 4, 8 streams
+bench-server: setup build models
+	scripts/bench-server.sh
 
 ## bench: criterion benchmarks, ndarray vs candle (figures recorded in BENCHMARKS.md)
 bench: setup

@@ -62,7 +62,11 @@ fn json_lines_round_trip_and_match_the_reference() {
     for (line, case) in lines.iter().zip(cases) {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["conditioning", "prompt", "tokens"]);
+        assert_eq!(
+            keys,
+            ["prompt", "tokens", "conditioning"],
+            "the documented order"
+        );
         assert_eq!(v["prompt"], case["prompt"]);
         assert_eq!(v["tokens"], case["tokens"]);
         let got: Vec<f32> = serde_json::from_value(v["conditioning"].clone()).unwrap();
@@ -442,5 +446,5 @@ fn a_model_without_vocab_and_prompt_is_an_error() {
         "{e}"
     );
     let e = fails(tofy(&["condition", "model_world_x.safetensors"]));
-    assert!(e.contains("no vocab_world.txt and prompt follow it"), "{e}");
+    assert!(e.contains("no vocab_world.txt follows it"), "{e}");
 }

@@ -95,7 +95,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!(
         "  POST /v1/chat/completions, POST /v1/completions, GET /v1/models (also without /v1), GET /health, GET /metrics"
     );
-    eprintln!("  OpenCode / OpenAI clients: base URL http://{host}/v1, model \"tofy\" (docs/opencode.json)");
+    eprintln!(
+        "  OpenCode / OpenAI clients: base URL http://{host}/v1, model \"tofy\" (docs/opencode.json)"
+    );
 
     let config = DecoderConfig {
         parallel: args.parallel as usize,

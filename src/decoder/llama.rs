@@ -285,7 +285,12 @@ impl Loaded {
             .with_n_seq_max(parallel)
             .with_n_batch(config.ctx.min(2048).max(parallel))
             .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+            .with_n_threads_batch(threads)
+            // Off for batch invariance: ggml's CPU flash attention takes a
+            // tiled kernel, rounded differently, when a sequence brings many
+            // query rows at once, so a prompt read in one chunk and the same
+            // prompt read from the cache gave different logits.
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
         self.model
             .new_context(self.backend, params)
             .map_err(|_| create_error())

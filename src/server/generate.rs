@@ -19,7 +19,7 @@ use super::tools::{self, Parsed, ToolCallParser};
 use super::{Admission, ApiError, MODEL_ID, State, read_json};
 use crate::conditioning::{CondFormat, Conditioning};
 use crate::decoder::{
-    ChatMessage, FinishReason, GenerateRequest, Generation, Prompt, Role, Sampling,
+    ChatMessage, DecoderError, FinishReason, GenerateRequest, Generation, Prompt, Role, Sampling,
 };
 use crate::engine::with_conditioning;
 
@@ -37,6 +37,8 @@ enum Input {
     Chat {
         conversation: Vec<ChatMessage>,
         world_prompt: String,
+        /// The tool definitions for the system message, when offered.
+        tools: Option<String>,
     },
     /// Raw text, continued as is. A text prompt has no system message to
     /// carry the conditioning, so the world model does not run.
@@ -71,9 +73,9 @@ pub(crate) async fn chat(
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
     let body: ChatRequest = read_json(&req, payload).await?;
-    let tools = !body.tools.is_empty()
-        && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
-    let conversation = conversation(body.messages, tools.then_some(body.tools.as_slice()))?;
+    let tools =
+        !body.tools.is_empty() && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
+    let conversation = conversation(body.messages)?;
     let world_prompt = conversation
         .iter()
         .rev()
@@ -83,6 +85,7 @@ pub(crate) async fn chat(
     let input = Input::Chat {
         conversation,
         world_prompt,
+        tools: tools.then(|| tools::tools_prompt(&body.tools)),
     };
     respond(state, body.options, input, true, tools).await
 }
@@ -105,17 +108,17 @@ pub(crate) async fn completions(
         }
     };
     if text.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "prompt is empty; send some text"));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt is empty; send some text",
+        ));
     }
     respond(state, body.options, Input::Text(text), false, false).await
 }
 
-/// The OpenAI conversation as decoder messages: tools offered in the system
-/// message, earlier tool calls and results in the model's own syntax.
-fn conversation(
-    messages: Vec<RequestMessage>,
-    tools: Option<&[Value]>,
-) -> Result<Vec<ChatMessage>, ApiError> {
+/// The OpenAI conversation as decoder messages, earlier tool calls and
+/// results in the model's own syntax.
+fn conversation(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
@@ -134,7 +137,10 @@ fn conversation(
                     if !content.is_empty() {
                         content.push('\n');
                     }
-                    content.push_str(&tools::render_call(&call.function.name, &call.function.arguments));
+                    content.push_str(&tools::render_call(
+                        &call.function.name,
+                        &call.function.arguments,
+                    ));
                 }
                 (Role::Assistant, content)
             }
@@ -151,17 +157,21 @@ fn conversation(
         };
         out.push(ChatMessage::new(role, content));
     }
-    if let Some(tools) = tools {
-        let offer = tools::tools_prompt(tools);
-        match out.first_mut() {
-            Some(first) if first.role == Role::System => {
-                first.content.push_str("\n\n");
-                first.content.push_str(&offer);
-            }
-            _ => out.insert(0, ChatMessage::new(Role::System, offer)),
-        }
-    }
     Ok(out)
+}
+
+/// The tool definitions appended to the first system message (or in one of
+/// their own), before anything that changes per turn.
+fn offer_tools(conversation: &[ChatMessage], offer: &str) -> Vec<ChatMessage> {
+    let mut out = conversation.to_vec();
+    match out.first_mut() {
+        Some(first) if first.role == Role::System => {
+            first.content.push_str("\n\n");
+            first.content.push_str(offer);
+        }
+        _ => out.insert(0, ChatMessage::new(Role::System, offer)),
+    }
+    out
 }
 
 fn content_text(content: Option<Content>, index: usize) -> Result<String, ApiError> {
@@ -195,7 +205,10 @@ fn generate_request(
     prompt: Prompt,
 ) -> Result<GenerateRequest, ApiError> {
     if options.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param("n", "n must be 1: one choice per request is supported"));
+        return Err(ApiError::invalid_param(
+            "n",
+            "n must be 1: one choice per request is supported",
+        ));
     }
     let max_tokens = match options.max_completion_tokens.or(options.max_tokens) {
         None => state.max_tokens,
@@ -235,7 +248,11 @@ fn generate_request(
         prompt,
         max_new_tokens: max_tokens,
         sampling,
-        stop: options.stop.take().map(|s| s.into_vec()).unwrap_or_default(),
+        stop: options
+            .stop
+            .take()
+            .map(|s| s.into_vec())
+            .unwrap_or_default(),
         ignore_eos: options.ignore_eos,
     })
 }
@@ -336,24 +353,6 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
         ablate,
         cond_format,
     } = job;
-    let conditioning = match input {
-        Input::Chat {
-            conversation,
-            world_prompt,
-        } => {
-            let conditioning = state
-                .world
-                .condition(&world_prompt, ablate)
-                .map_err(|e| ApiError::internal(format!("world model: {e}")))?;
-            let system = conditioning.system_message(cond_format);
-            request.prompt = Prompt::Chat(with_conditioning(conversation, system));
-            Some(conditioning)
-        }
-        Input::Text(text) => {
-            request.prompt = Prompt::Text(text);
-            None
-        }
-    };
     let mut sink = |piece: &str| {
         if tx.send(Event::Piece(piece.to_string())).is_ok() {
             ControlFlow::Continue(())
@@ -361,12 +360,61 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
             ControlFlow::Break(())
         }
     };
-    let generation = decoder.generate(&request, &mut sink)?;
-    state.metrics.record_generation(&generation);
-    Ok(Outcome {
-        generation,
-        conditioning,
-    })
+    let (conversation, world_prompt, tools) = match input {
+        Input::Text(text) => {
+            request.prompt = Prompt::Text(text);
+            let generation = decoder.generate(&request, &mut sink)?;
+            return Ok(state.finished(generation, None));
+        }
+        Input::Chat {
+            conversation,
+            world_prompt,
+            tools,
+        } => (conversation, world_prompt, tools),
+    };
+    // No user text for the world model to read (a system-only or empty
+    // turn): the conversation goes unconditioned.
+    let conditioning = if world_prompt.trim().is_empty() {
+        None
+    } else {
+        Some(
+            state
+                .world
+                .condition(&world_prompt, ablate)
+                .map_err(|e| ApiError::internal(format!("world model: {e}")))?,
+        )
+    };
+    let prompt = |offer: Option<&str>| {
+        let messages =
+            offer.map_or_else(|| conversation.clone(), |o| offer_tools(&conversation, o));
+        Prompt::Chat(match &conditioning {
+            Some(c) => with_conditioning(messages, c.system_message(cond_format)),
+            None => messages,
+        })
+    };
+    request.prompt = prompt(tools.as_deref());
+    let generation = match decoder.generate(&request, &mut sink) {
+        // Tool definitions can be long (OpenCode's are ~5k tokens): when
+        // they push the prompt past the context, the conversation runs
+        // without them, as it would with a template that ignores tools.
+        // The error comes before any output, so nothing was sent yet.
+        Err(DecoderError::ContextExceeded { .. }) if tools.is_some() => {
+            request.prompt = prompt(None);
+            decoder.generate(&request, &mut sink)?
+        }
+        other => other?,
+    };
+    Ok(state.finished(generation, conditioning))
+}
+
+impl State {
+    fn finished(&self, generation: Generation, conditioning: Option<Conditioning>) -> Outcome {
+        self.metrics.record_generation(&generation);
+        Outcome {
+            generation,
+            conditioning,
+        }
+    }
 }
 
 fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
@@ -480,7 +528,11 @@ impl Sse {
             self.started = true;
             if self.shape.chat {
                 // OpenAI's first chunk carries the role and empty content.
-                self.chunk(&mut out, json!({ "role": "assistant", "content": "" }), None);
+                self.chunk(
+                    &mut out,
+                    json!({ "role": "assistant", "content": "" }),
+                    None,
+                );
                 return Some(out.into());
             }
         }

@@ -202,7 +202,10 @@ where
             })?;
         server.await
     })?;
-    match Arc::try_unwrap(load_error).ok().and_then(OnceLock::into_inner) {
+    match Arc::try_unwrap(load_error)
+        .ok()
+        .and_then(OnceLock::into_inner)
+    {
         Some(err) => Err(err.into()),
         None => Ok(()),
     }
@@ -307,12 +310,12 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
         if body.len() + chunk.len() > MAX_BODY {
             return Err(ApiError::too_large(MAX_BODY));
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }

@@ -121,7 +121,9 @@ fn push_content(out: &mut Vec<Parsed>, text: &str) {
 fn partial_suffix(text: &str, pattern: &str) -> usize {
     (1..pattern.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && pattern.starts_with(&text[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && pattern.starts_with(&text[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 
@@ -184,7 +186,10 @@ mod tests {
 
     #[test]
     fn plain_text_passes_through() {
-        assert_eq!(run(&["Hello ", "world <", "b>"]), [Parsed::Content("Hello world <b>".into())]);
+        assert_eq!(
+            run(&["Hello ", "world <", "b>"]),
+            [Parsed::Content("Hello world <b>".into())]
+        );
     }
 
     #[test]
@@ -205,7 +210,8 @@ mod tests {
 
     #[test]
     fn lists_and_string_arguments_parse() {
-        let out = run(&[r#"<tool_call>[{"name":"a","arguments":"{\"x\":1}"},{"name":"b"}]</tool_call>"#]);
+        let out =
+            run(&[r#"<tool_call>[{"name":"a","arguments":"{\"x\":1}"},{"name":"b"}]</tool_call>"#]);
         assert_eq!(out, [call("a", r#"{"x":1}"#), call("b", "{}")]);
     }
 

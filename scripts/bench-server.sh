@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Server benchmark: aggregate tok/s and p50/p99 time to first token at 1, 4 and 8 concurrent
+# streams, `tofy serve --parallel N` vs `llama-server -np N`, same GGUF, same threads, same
+# per-sequence context (4096), same run; the two servers take turns at each level.
+# Each stream sends R streamed chat requests back to back (greedy, ignore_eos, max_tokens M):
+# scripts/bench-server.py does the requests and the statistics.
+# Peers come from ../shared/peers/build-llama-tools.sh via scripts/bench-decoder.sh's build.
+# usage: scripts/bench-server.sh [THREADS]   (default: physical cores)
+#        env: BENCH_LEVELS (default "1 4 8"), BENCH_MAX_TOKENS (128), BENCH_REQUESTS (2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+threads=${1:-$(lscpu -p=CORE,SOCKET | grep -v '^#' | sort -u | wc -l)}
+levels=${BENCH_LEVELS:-1 4 8}
+max_tokens=${BENCH_MAX_TOKENS:-128}
+requests=${BENCH_REQUESTS:-2}
+ctx=4096
+model=${TOFY_BENCH_GGUF:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+peers=target/peers
+tools=${TOFY_PEERS_SCRIPT:-../shared/peers/build-llama-tools.sh}
+simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+if [ ! -x "$peers/bin/llama-server" ]; then
+    cargo fetch --locked
+    "$tools" "$peers" 0.1.161 0.3.36 -- "${simd[@]}"
+fi
+scripts/fetch-gguf.sh models/SmolLM2-135M-Instruct.Q4_1.gguf
+cargo build --release --locked --features train
+port=18480
+out=target/bench-server.jsonl
+rm -f "$out"
+pid=
+
+stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; fi; }
+trap stop EXIT
+ready() {
+    for _ in $(seq 600); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+        sleep 0.1
+    done
+    echo "server on $port did not become ready" >&2
+    return 1
+}
+bench() { # label concurrency
+    python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
+        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1" --out "$out"
+}
+
+echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream"
+for n in $levels; do
+    JEPA_DECODER_MODEL=$model JEPA_DECODER_NGL=0 JEPA_DECODER_THREADS=$threads \
+        target/release/tofy serve "127.0.0.1:$port" --parallel "$n" --ctx "$ctx" 2>/dev/null &
+    pid=$!
+    ready
+    bench "tofy np=$n" "$n"
+    stop
+    "$peers/bin/llama-server" -m "$model" -c $((ctx * n)) -np "$n" -t "$threads" -tb "$threads" \
+        -ngl 0 --host 127.0.0.1 --port "$port" >/dev/null 2>&1 &
+    pid=$!
+    ready
+    bench "llama-server np=$n" "$n"
+    stop
+done
+echo "written to $out"

@@ -1,0 +1,797 @@
+//! `tofy serve` as a real process on a loopback port, driven over HTTP: the
+//! OpenAI formats (JSON and SSE), continuous batching, the prompt cache,
+//! disconnects, tool calls, every error status, and the official clients
+//! (openai for Python, the AI SDK, OpenCode) through tests/clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A running `tofy serve`, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// `tofy serve 127.0.0.1:0 ARGS` on SmolLM2 with the embedded world
+    /// model, waiting until /health says ready.
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(&[&["serve", "127.0.0.1:0"], args].concat(), env)
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tofy"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("JEPA_DECODER_") || key.starts_with("TOFY_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .env("JEPA_DECODER_THREADS", "1")
+            .env("JEPA_DECODER_NGL", "0")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start tofy serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("tofy serve: listening on ") {
+                    let _ = tx.send(address.to_string());
+                }
+                eprintln!("[server] {line}");
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("tofy serve printed its address");
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build(),
+        );
+        let server = Self { child, base, agent };
+        server.wait_until(
+            || server.get("/health").0 == 200,
+            "the server to become ready",
+        );
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut r = self.agent.get(self.url(path)).call().expect("GET");
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = self
+            .agent
+            .post(self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(key) = key {
+            request = request.header("Authorization", format!("Bearer {key}"));
+        }
+        let mut r = request.send(body).expect("POST");
+        let status = r.status().as_u16();
+        let text = r
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap();
+        (status, text)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.post_raw(path, &body.to_string(), None);
+        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        (status, value)
+    }
+
+    /// A streaming request; the `data:` payloads as the server sent them.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        events(self.open_stream(path, body))
+    }
+
+    fn open_stream(&self, path: &str, body: &Value) -> BufReader<impl Read + use<>> {
+        let r = self
+            .agent
+            .post(self.url(path))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .expect("POST");
+        assert_eq!(r.status().as_u16(), 200);
+        let content_type = r.headers().get("content-type").unwrap().to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        BufReader::new(r.into_body().into_reader())
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    /// Polls `ok` (a hang guard, not a timing assertion).
+    fn wait_until(&self, mut ok: impl FnMut() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ok() {
+            assert!(Instant::now() < deadline, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `data:` payloads of an SSE body, up to and including `[DONE]`.
+fn events(reader: impl BufRead) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in reader.lines() {
+        let line = line.expect("read the stream");
+        if let Some(data) = line.strip_prefix("data: ") {
+            out.push(data.to_string());
+            if data == "[DONE]" {
+                break;
+            }
+        } else {
+            assert!(line.is_empty(), "only data lines and blank lines: {line:?}");
+        }
+    }
+    out
+}
+
+fn chat(prompt: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": "tofy",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+fn with(mut body: Value, key: &str, value: Value) -> Value {
+    body[key] = value;
+    body
+}
+
+/// The reply text of a chat stream, checking OpenAI's framing on the way.
+fn stream_text(events: &[String]) -> (String, Value) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    let mut finish = Value::Null;
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+        if let Some(choice) = chunk["choices"].get(0) {
+            assert!(finish.is_null(), "nothing after the finish_reason chunk");
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    (text, chunks.last().unwrap().clone())
+}
+
+#[test]
+fn chat_completions_and_models_speak_openai() {
+    let server = Server::start(&[], &[]);
+    let (status, reply) = server.post("/v1/chat/completions", &chat("Say hello.", 12));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["model"], "tofy");
+    let message = &reply["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant");
+    let text = message["content"].as_str().unwrap();
+    assert!(!text.trim().is_empty());
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    let usage = &reply["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + 12)
+    );
+
+    // The same request streamed gives the same greedy text, framed as OpenAI does.
+    let body = with(chat("Say hello.", 12), "stream", json!(true));
+    let body = with(body, "stream_options", json!({"include_usage": true}));
+    let events = server.stream("/chat/completions", &body);
+    let (streamed, last) = stream_text(&events);
+    assert_eq!(streamed, text);
+    assert_eq!(last["choices"], json!([]), "usage comes in a last chunk");
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+
+    // Text completions, both ways.
+    let prompt = json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0});
+    let (status, reply) = server.post("/v1/completions", &prompt);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "text_completion");
+    let text = reply["choices"][0]["text"].as_str().unwrap().to_string();
+    let events = server.stream("/v1/completions", &with(prompt, "stream", json!(true)));
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, text);
+
+    for path in ["/v1/models", "/models"] {
+        let (status, body) = server.get(path);
+        assert_eq!(status, 200);
+        let models: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(models["object"], "list");
+        assert_eq!(models["data"][0]["id"], "tofy");
+        assert_eq!(models["data"][0]["object"], "model");
+    }
+    assert_eq!(
+        server.get("/health"),
+        (200, r#"{"status":"ok"}"#.to_string())
+    );
+
+    // No user text for the world model: answered unconditioned, not an error.
+    let body =
+        json!({"messages": [{"role": "system", "content": "Greet the user."}], "max_tokens": 4});
+    let (status, reply) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+
+    // The conditioning the world model gave, on request; ablation zeroes it.
+    let body = with(
+        chat("Say hello.", 2),
+        "tofy",
+        json!({"return_conditioning": true, "cond_format": "stats"}),
+    );
+    let (_, reply) = server.post("/v1/chat/completions", &body);
+    let report = &reply["tofy"]["conditioning"];
+    assert_eq!(report["cond_format"], "stats");
+    assert!(report["text"].as_str().unwrap().starts_with("mean="));
+    assert!(
+        report["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v.as_f64() != Some(0.0))
+    );
+    let body = with(
+        chat("Say hello.", 2),
+        "tofy",
+        json!({"return_conditioning": true, "ablate_conditioning": true}),
+    );
+    let (_, reply) = server.post("/v1/chat/completions", &body);
+    let report = &reply["tofy"]["conditioning"];
+    assert_eq!(report["ablated"], true);
+    assert!(
+        report["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64() == Some(0.0))
+    );
+}
+
+#[test]
+fn eight_concurrent_streams_match_their_single_outputs() {
+    let server = Server::start(&["--parallel", "8"], &[]);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Write a short story about animal number {i}."))
+        .collect();
+    let body = |p: &str| with(chat(p, 24), "stream", json!(true));
+    let single: Vec<String> = prompts
+        .iter()
+        .map(|p| stream_text(&server.stream("/v1/chat/completions", &body(p))).0)
+        .collect();
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (server, body) = (&server, body(p));
+                scope.spawn(move || stream_text(&server.stream("/v1/chat/completions", &body)).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        together, single,
+        "greedy replies must not depend on batching"
+    );
+    assert!(single.iter().all(|s| !s.is_empty()));
+    assert_eq!(server.metric("tofy_sequences_active"), 0.0);
+    assert_eq!(server.metric("tofy_completion_tokens_total"), 16.0 * 24.0);
+}
+
+#[test]
+fn a_disconnect_frees_its_sequence() {
+    let server = Server::start(&["--parallel", "1", "--queue", "0"], &[]);
+    let long = with(chat("Count to one thousand.", 3000), "stream", json!(true));
+    let long = with(long, "ignore_eos", json!(true));
+    let mut reader = server.open_stream("/v1/chat/completions", &long);
+    let mut line = String::new();
+    for _ in 0..6 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    assert_eq!(server.metric("tofy_sequences_active"), 1.0);
+    // The one place is taken and nothing may queue: 503 in OpenAI form.
+    let (status, body) = server.post("/v1/chat/completions", &chat("Hi", 2));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["type"], "server_error");
+
+    drop(reader);
+    server.wait_until(
+        || {
+            server.metric("tofy_sequences_active") == 0.0
+                && server.metric("tofy_sequences_queued") == 0.0
+        },
+        "the disconnected stream to free its sequence",
+    );
+    let (status, body) = server.post("/v1/chat/completions", &chat("Hi", 2));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        server.metric("tofy_completion_tokens_total") < 3000.0,
+        "the long stream stopped early"
+    );
+}
+
+#[test]
+fn a_repeated_conversation_reuses_the_prompt_cache() {
+    let server = Server::start(&["--parallel", "2"], &[]);
+    let conversation = json!({
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant who answers in one line."},
+            {"role": "user", "content": "What is the tallest mountain?"},
+            {"role": "assistant", "content": "Mount Everest."},
+            {"role": "user", "content": "How tall is it?"},
+        ],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let (_, first) = server.post("/v1/chat/completions", &conversation);
+    let (_, second) = server.post("/v1/chat/completions", &conversation);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(second["usage"]["prompt_tokens"].as_u64(), Some(prompt));
+    assert_eq!(
+        second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(prompt - 1),
+        "all but the last prompt token come from the cache"
+    );
+    assert_eq!(
+        first["choices"][0]["message"],
+        second["choices"][0]["message"]
+    );
+
+    // The next turn of the same conversation keeps the shared head (the
+    // system prompt and the earlier turns come before the conditioning).
+    let mut next = conversation.clone();
+    let messages = next["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": "8,849 metres."}));
+    messages.push(json!({"role": "user", "content": "And the second tallest?"}));
+    let (_, third) = server.post("/v1/chat/completions", &next);
+    let cached = third["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // Everything before the first request's conditioning message: the
+    // system prompt and the first exchange (38 tokens with SmolLM2).
+    assert!(
+        cached >= 30,
+        "the system prompt and first turns were reused: {third}"
+    );
+    assert!(server.metric("tofy_cached_prompt_tokens_total") >= (prompt - 1 + cached) as f64);
+}
+
+#[test]
+fn every_error_is_an_openai_error_with_its_status() {
+    let server = Server::start(&["--ctx", "256", "--api-key", "sesame"], &[]);
+    let key = Some("sesame");
+    let ok = chat("Hi", 2).to_string();
+    let check = |(status, body): (u16, String), want: u16, needle: &str| {
+        let value: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let error = &value["error"];
+        assert_eq!(status, want, "{body}");
+        assert!(
+            error["message"].as_str().unwrap().contains(needle),
+            "{body}"
+        );
+        assert!(
+            error["type"].is_string()
+                && error.get("param").is_some()
+                && error.get("code").is_some()
+        );
+        value
+    };
+    check(
+        server.post_raw("/v1/chat/completions", &ok, None),
+        401,
+        "API key",
+    );
+    check(
+        server.post_raw("/v1/chat/completions", &ok, Some("wrong")),
+        401,
+        "API key",
+    );
+    check(
+        server.post_raw("/v1/chat/completions", "{not json", key),
+        400,
+        "invalid JSON",
+    );
+    check(
+        server.post_raw("/v1/chat/completions", r#"{"messages": "hi"}"#, key),
+        400,
+        "invalid type",
+    );
+    check(
+        server.post_raw("/v1/chat/completions", r#"{"messages": []}"#, key),
+        400,
+        "messages is empty",
+    );
+    let two = with(chat("Hi", 2), "n", json!(2)).to_string();
+    check(
+        server.post_raw("/v1/chat/completions", &two, key),
+        400,
+        "n must be 1",
+    );
+    let hot = with(chat("Hi", 2), "temperature", json!(3.5)).to_string();
+    check(
+        server.post_raw("/v1/chat/completions", &hot, key),
+        400,
+        "temperature",
+    );
+    let long = chat(&"many words here ".repeat(200), 2).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &long, key),
+        400,
+        "context length exceeded",
+    );
+    assert_eq!(value["error"]["code"], "context_length_exceeded");
+    let streamed = with(
+        chat(&"many words here ".repeat(200), 2),
+        "stream",
+        json!(true),
+    )
+    .to_string();
+    check(
+        server.post_raw("/v1/chat/completions", &streamed, key),
+        400,
+        "context length exceeded",
+    );
+    let huge = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(17 << 20)
+    );
+    check(
+        server.post_raw("/v1/chat/completions", &huge, key),
+        413,
+        "16 MiB",
+    );
+    check(server.get("/v1/nothing-here"), 404, "no route");
+    check(server.get("/v1/chat/completions"), 405, "not allowed");
+
+    // The server is still up and the key works.
+    let (status, body) = server.post_raw("/v1/chat/completions", &ok, key);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.get("/health").0, 200, "/health needs no key");
+}
+
+/// A fake llama-completion for the subprocess backend: fails at once, or
+/// after some output, depending on the prompt.
+fn failing_decoder(dir: &Path) -> PathBuf {
+    let bin = dir.join("llama-completion");
+    std::fs::write(
+        &bin,
+        "#!/bin/sh\ncase \"$*\" in\n  *FAIL_NOW*) echo 'model exploded' >&2; exit 1 ;;\n  *FAIL_LATER*) printf 'partial reply '; sleep 0.2; echo 'died midway' >&2; exit 3 ;;\n  *) printf 'fine' ;;\nesac\n",
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&bin).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&bin, perms).unwrap();
+    bin
+}
+
+#[test]
+fn a_decoder_failure_fails_that_request_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = failing_decoder(dir.path());
+    let server = Server::start(&[], &[("JEPA_DECODER_BIN", bin.to_str().unwrap())]);
+
+    let (status, body) = server.post("/v1/chat/completions", &chat("FAIL_NOW please", 8));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model exploded"),
+        "{body}"
+    );
+
+    // Mid-stream: the text so far, an error event, then [DONE].
+    let events = server.stream(
+        "/v1/chat/completions",
+        &with(chat("FAIL_LATER please", 8), "stream", json!(true)),
+    );
+    let n = events.len();
+    assert_eq!(events[n - 1], "[DONE]");
+    let error: Value = serde_json::from_str(&events[n - 2]).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("died midway"),
+        "{error}"
+    );
+    let (text, _) = stream_text(
+        &events[..n - 2]
+            .iter()
+            .cloned()
+            .chain(["[DONE]".into()])
+            .collect::<Vec<_>>(),
+    );
+    assert!(text.starts_with("partial reply"), "{text:?}");
+
+    let (status, body) = server.post("/v1/chat/completions", &chat("all good", 8));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "fine");
+}
+
+#[test]
+fn tool_calls_come_back_in_openai_form() {
+    // The stub echoes the user's message, so the reply holds a call in the
+    // Hermes syntax the prompt asks models for.
+    let server = Server::start(&[], &[("JEPA_DECODER_BACKEND", "stub")]);
+    let tools = json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }]);
+    let call = r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>"#;
+    let body = with(chat(call, 200), "tools", tools.clone());
+    let (status, reply) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["type"], "function");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    assert!(
+        !choice["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_call>")
+    );
+
+    let events = server.stream("/v1/chat/completions", &with(body, "stream", json!(true)));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    assert_eq!(deltas[0]["index"], 0);
+    let arguments: String = deltas
+        .iter()
+        .map(|d| d["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&arguments).unwrap(),
+        json!({"city": "Paris"})
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // Without tools the same text is plain content.
+    let (_, reply) = server.post("/v1/chat/completions", &chat(call, 200));
+    assert!(
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_call>")
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn tools_and_a_whole_agent_conversation_reach_a_real_model() {
+    let server = Server::start(&[], &[]);
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": "You can look up the weather."},
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let (status, reply) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap_or("");
+    let calls = choice["message"]["tool_calls"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(!content.is_empty() || calls > 0, "{reply}");
+    assert!(
+        reply["usage"]["prompt_tokens"].as_u64().unwrap() > 100,
+        "tools and history reached the prompt"
+    );
+
+    // Tools too long for the context are dropped rather than failing the request.
+    let mut body = with(
+        chat("Hello!", 4),
+        "tools",
+        json!([{"type": "function", "function": {
+            "name": "huge", "description": "a very long description ".repeat(1500), "parameters": {"type": "object"},
+        }}]),
+    );
+    let (status, reply) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["usage"]["prompt_tokens"].as_u64().unwrap() < 500,
+        "{reply}"
+    );
+    // But a conversation that is itself too long is still a 400.
+    body["messages"][0]["content"] = json!("many words here ".repeat(2000));
+    let (status, reply) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["code"], "context_length_exceeded");
+}
+
+#[test]
+fn the_seed_form_serves_and_bad_arguments_are_one_line() {
+    let fixture = common::fixture_dir();
+    let model = fixture.join("model_world_tiny.safetensors");
+    let vocab = fixture.join("vocab_world.txt");
+    let (model, vocab) = (model.to_str().unwrap(), vocab.to_str().unwrap());
+    let server = Server::start_with(
+        &[
+            "--serve",
+            model,
+            vocab,
+            "127.0.0.1:0",
+            "48",
+            "16",
+            "2",
+            "4",
+            "24",
+        ],
+        &[],
+    );
+    let body = with(chat("Hi", 2), "tofy", json!({"return_conditioning": true}));
+    let (status, reply) = server.post("/chat/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["tofy"]["conditioning"]["vector"]
+            .as_array()
+            .unwrap()
+            .len(),
+        24
+    );
+    drop(server);
+
+    let run = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tofy"))
+            .args(args)
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .output()
+            .unwrap()
+    };
+    let line = common::fails(run(&["--serve", model, vocab, "127.0.0.1:0", "64"]));
+    assert!(line.contains("dim"), "{line}");
+    let line = common::fails(run(&["serve", "127.0.0.1:0", "x"]));
+    assert!(line.contains("positive whole number"), "{line}");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = busy.local_addr().unwrap().to_string();
+    let line = common::fails(run(&["serve", &address]));
+    assert!(line.contains("cannot listen"), "{line}");
+    let line = common::fails(run(&["serve", "127.0.0.1:0", "--parallel", "0"]));
+    assert!(line.contains("parallel"), "{line}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["serve", "127.0.0.1:0"])
+        .env("JEPA_DECODER_MODEL", "/no/such/model.gguf")
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.lines().last().unwrap().starts_with("error: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no such file"), "{stderr}");
+}
+
+/// tests/clients: the official clients against a real server.
+fn client_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+fn run_client(server: &Server, program: &Path, script: &str) {
+    assert!(
+        program.exists(),
+        "{} is missing: run scripts/setup-clients.sh (make test does)",
+        program.display()
+    );
+    let out = Command::new(program)
+        .arg(client_dir().join(script))
+        .arg(&server.base)
+        .output()
+        .expect("run the client");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_openai_python_client_works() {
+    let server = Server::start(&[], &[]);
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients-venv/bin/python");
+    run_client(&server, &python, "openai_check.py");
+}
+
+#[test]
+fn the_ai_sdk_works() {
+    let server = Server::start(&[], &[]);
+    let node = which::which("node").expect("node is installed (scripts/setup.sh)");
+    assert!(
+        client_dir().join("node_modules").is_dir(),
+        "run scripts/setup-clients.sh (make test does)"
+    );
+    run_client(&server, &node, "ai_sdk_check.mjs");
+}
+
+#[test]
+fn opencode_run_gets_a_reply() {
+    let server = Server::start(&[], &[]);
+    assert!(
+        client_dir().join("node_modules").is_dir(),
+        "run scripts/setup-clients.sh (make test does)"
+    );
+    run_client(&server, Path::new("/bin/bash"), "opencode_check.sh");
+}
