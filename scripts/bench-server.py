@@ -80,6 +80,11 @@ class Target:
         self.host = u.hostname
         self.port = u.port or (443 if self.https else 80)
         self.path = (u.path or "") + "/v1/chat/completions"
+        self.root = u.path or ""
+        # --endpoint completions: the same conversation as one raw ChatML text
+        # (SmolLM2's template) on /v1/completions, so that both servers
+        # evaluate exactly the same tokens (tofy conditions chat requests only).
+        self.raw_system = None
         self.model = model
         self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
@@ -121,9 +126,15 @@ def run_request(target, prompt, max_tokens, timeout):
     closes the connection after a streamed response. The TCP connect happens
     before the clock starts, so TTFT does not include it.
     """
+    request = {"messages": [{"role": "user", "content": prompt}]}
+    path = target.path
+    if target.raw_system is not None:
+        path = target.root + "/v1/completions"
+        request = {"prompt": f"<|im_start|>system\n{target.raw_system}<|im_end|>\n"
+                             f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"}
     body = json.dumps({
         "model": target.model,
-        "messages": [{"role": "user", "content": prompt}],
+        **request,
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": 0,
@@ -138,7 +149,7 @@ def run_request(target, prompt, max_tokens, timeout):
     try:
         conn = target.connect(timeout)
         t_send = time.perf_counter()
-        conn.request("POST", target.path, body=body, headers=target.headers)
+        conn.request("POST", path, body=body, headers=target.headers)
         resp = conn.getresponse()
         if resp.status != 200:
             text = resp.read().decode("utf-8", "replace")[:300]
@@ -152,7 +163,7 @@ def run_request(target, prompt, max_tokens, timeout):
             if "error" in chunk:
                 raise RuntimeError(f"error event: {data[:300]}")
             for choice in chunk.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
+                content = (choice.get("delta") or {}).get("content") or choice.get("text")
                 if content:
                     rec["content_chunks"] += 1
                     if t_first is None:
@@ -285,12 +296,16 @@ def main():
     ap.add_argument("--out", default=None, help="JSON lines file to append to")
     ap.add_argument("--timeout", type=float, default=600.0, help="socket timeout, seconds")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
+    ap.add_argument("--raw-system", default=None,
+                    help="send POST /v1/completions with this system text and the user prompt "
+                         "in ChatML, instead of chat requests")
     args = ap.parse_args()
     if args.requests_per_stream < 1 or args.max_tokens < 1:
         ap.error("--requests-per-stream and --max-tokens must be >= 1")
     if args.label is None:
         args.label = args.base_url
     target = Target(args.base_url, args.model, os.environ.get("TOFY_API_KEY"))
+    target.raw_system = args.raw_system
 
     if not args.no_warmup:
         rec = run_request(target, "Say hello.", 8, args.timeout)

@@ -2,8 +2,12 @@
 # Server benchmark: aggregate tok/s and p50/p99 time to first token at 1, 4 and 8 concurrent
 # streams, `tofy serve --parallel N` vs `llama-server -np N`, same GGUF, same threads, same
 # per-sequence context (4096), same run; the two servers take turns at each level.
-# Each stream sends R streamed chat requests back to back (greedy, ignore_eos, max_tokens M):
-# scripts/bench-server.py does the requests and the statistics.
+# Each stream sends R streamed requests back to back (greedy, ignore_eos, max_tokens M), in
+# two modes: "chat" (POST /v1/chat/completions, what users send: tofy adds its world-model
+# conditioning message, llama-server does not) and "same tokens" (POST /v1/completions with one
+# ChatML text holding a conditioning-like system message: both servers evaluate exactly the same
+# tokens, which compares the serving engines). scripts/bench-server.py does the requests and the
+# statistics.
 # Peers come from ../shared/peers/build-llama-tools.sh via scripts/bench-decoder.sh's build.
 # usage: scripts/bench-server.sh [THREADS]   (default: physical cores)
 #        env: BENCH_LEVELS (default "1 4 8"), BENCH_MAX_TOKENS (128), BENCH_REQUESTS (2)
@@ -40,9 +44,14 @@ ready() {
     echo "server on $port did not become ready" >&2
     return 1
 }
+# What tofy's conditioning message looks like (docs/server.md), fixed numbers.
+system="You are Tofy, a helpful assistant. A world model read the user's message and predicted a latent condition for your reply. Use the latent condition to guide the tone, depth and focus of your reply; never mention it or its numbers. Latent condition: chunks=[0.188,0.054,0.099,-0.045,0.000,-0.096,0.031,0.049]"
 bench() { # label concurrency
     python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
-        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1" --out "$out"
+        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 chat" --out "$out"
+    python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
+        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 same tokens" \
+        --raw-system "$system" --out "$out" --no-warmup | tail -n 1
 }
 
 echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream"

@@ -72,12 +72,15 @@ impl Conditioning {
 }
 
 /// The system message around a conditioning text. The instruction keeps the
-/// numbers out of the reply: they are a steer, not content.
+/// numbers out of the reply: they are a steer, not content. The numbers come
+/// last: everything before them is the same for every prompt, so a decoder
+/// that caches prompt prefixes evaluates only the numbers and what follows.
 pub fn system_message(condition: &str) -> String {
     format!(
         "You are Tofy, a helpful assistant. A world model read the user's message and \
-         predicted a latent condition for your reply: {condition}. Use the latent condition \
-         to guide the tone, depth and focus of your reply; never mention it or its numbers."
+         predicted a latent condition for your reply. Use the latent condition to guide the \
+         tone, depth and focus of your reply; never mention it or its numbers. \
+         Latent condition: {condition}"
     )
 }
 
@@ -221,8 +224,8 @@ mod tests {
             ablated: false,
         };
         let msg = c.system_message(CondFormat::Chunks);
-        assert!(msg.contains(
-            ": chunks=[0.250,0.250,0.250,0.250,0.250,0.250,0.250,0.250]. Use the latent"
+        assert!(msg.ends_with(
+            "Latent condition: chunks=[0.250,0.250,0.250,0.250,0.250,0.250,0.250,0.250]"
         ));
     }
 }

@@ -81,15 +81,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         format!("cannot listen on {bind} (address in use or not local?); pass another BIND such as 127.0.0.1:8081")
     })?;
     let address = listener.local_addr()?;
+    // A wildcard bind is reached through localhost.
     let host = if address.ip().is_unspecified() {
-        "localhost".to_string()
+        format!("localhost:{}", address.port())
     } else {
         address.to_string()
-    };
-    let host = if address.ip().is_unspecified() {
-        format!("{host}:{}", address.port())
-    } else {
-        host
     };
     eprintln!("tofy serve: listening on http://{address}");
     eprintln!(
