@@ -74,6 +74,7 @@ fn main() {
             },
             stop: Vec::new(),
             ignore_eos: true,
+            cancel: None,
         };
         let g = decoder
             .generate(&request, &mut |_| ControlFlow::Continue(()))

@@ -235,3 +235,39 @@ fn concurrent_requests_are_batched_and_match_their_single_outputs() {
     assert_eq!(got, expected, "greedy replies must not depend on batching");
     assert_eq!(batched.active_sequences(), Some(0));
 }
+
+#[test]
+fn a_request_given_up_while_queued_never_starts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let decoder = load(512);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let abandoned = GenerateRequest {
+        cancel: Some(Arc::clone(&cancel)),
+        ..request(&"word ".repeat(300), 4)
+    };
+    std::thread::scope(|scope| {
+        // The one slot is busy with a long generation...
+        let running = scope.spawn(|| {
+            let long = GenerateRequest {
+                ignore_eos: true,
+                ..request("Count to one thousand.", 200)
+            };
+            generate(&decoder, &long).0
+        });
+        while decoder.active_sequences() != Some(1) {
+            std::thread::yield_now();
+        }
+        // ...so this one queues, and its caller gives up before it starts.
+        let waiting = scope.spawn(|| {
+            decoder
+                .generate(&abandoned, &mut |_: &str| ControlFlow::Continue(()))
+                .unwrap()
+        });
+        cancel.store(true, Ordering::Relaxed);
+        let given_up = waiting.join().unwrap();
+        assert_eq!(given_up.finish_reason, FinishReason::Cancelled);
+        assert_eq!(given_up.prompt_tokens, 0, "its prompt was never read");
+        assert_eq!(running.join().unwrap().completion_tokens, 200);
+    });
+}

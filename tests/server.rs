@@ -655,9 +655,21 @@ fn tools_and_a_whole_agent_conversation_reach_a_real_model() {
         .as_array()
         .map_or(0, Vec::len);
     assert!(!content.is_empty() || calls > 0, "{reply}");
+    // The earlier call and its result are in the prompt: without them it is shorter.
+    let mut short = body.clone();
+    short["messages"].as_array_mut().unwrap().truncate(2);
+    let (_, short_reply) = server.post("/v1/chat/completions", &short);
+    let tokens = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(
-        reply["usage"]["prompt_tokens"].as_u64().unwrap() > 100,
-        "tools and history reached the prompt"
+        tokens(&reply) >= tokens(&short_reply) + 20,
+        "{reply} vs {short_reply}"
+    );
+    // And the tools are: without them it is shorter still.
+    short.as_object_mut().unwrap().remove("tools");
+    let (_, bare) = server.post("/v1/chat/completions", &short);
+    assert!(
+        tokens(&short_reply) >= tokens(&bare) + 50,
+        "{short_reply} vs {bare}"
     );
 
     // Tools too long for the context are dropped rather than failing the request.

@@ -37,7 +37,7 @@ use super::config::PENALTY_LAST_N;
 use super::stop::StopScanner;
 use super::{
     BackendKind, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Generation,
-    Prompt, Sampling, Sink, prompt,
+    Prompt, Role, Sampling, Sink, prompt,
 };
 
 /// llama.cpp's process-wide state: initialised once, never torn down.
@@ -68,6 +68,8 @@ struct Job {
     request: GenerateRequest,
     events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
+    /// When the caller asked: time to first token includes the queue.
+    start: Instant,
 }
 
 impl Job {
@@ -172,11 +174,12 @@ impl Decoder for LlamaDecoder {
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
         let (events_tx, events_rx) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = request.cancel.clone().unwrap_or_default();
         let job = Job {
             request: request.clone(),
             events: events_tx,
             cancel: Arc::clone(&cancel),
+            start: Instant::now(),
         };
         let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
         jobs.send(job).map_err(|_| DecoderError::WorkerGone)?;
@@ -307,7 +310,15 @@ impl Loaded {
         if let Some(template) = &self.template {
             let chat = messages
                 .iter()
-                .map(|m| LlamaChatMessage::new(m.role.as_str().into(), m.content.clone()))
+                .map(|m| {
+                    // Few templates know a tool role; a tool result is read
+                    // as the user's turn (the caller wraps it to say so).
+                    let role = match m.role {
+                        Role::Tool => Role::User,
+                        other => other,
+                    };
+                    LlamaChatMessage::new(role.as_str().into(), m.content.clone())
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| DecoderError::Template {
                     path: self.path.clone(),
@@ -476,10 +487,11 @@ impl<'m> Scheduler<'m> {
     /// free their slot now.
     fn drop_cancelled(&mut self) {
         self.queue.retain(|job| {
-            if job.cancelled() {
+            let cancelled = job.cancelled();
+            if cancelled {
                 job.finish(Ok(Generation::cancelled()));
             }
-            !job.cancelled()
+            !cancelled
         });
         for slot in &mut self.slots {
             if slot.run.as_ref().is_some_and(|run| run.job.cancelled())
@@ -523,14 +535,14 @@ impl<'m> Scheduler<'m> {
     fn step(&mut self) {
         self.batch.clear();
         if let Err(err) = self.fill_batch() {
-            self.fail_batch(&err);
+            self.fail_batch(&err.to_string());
             return;
         }
         if self.batch.n_tokens() == 0 {
             return;
         }
         if let Err(err) = self.context.decode(&mut self.batch) {
-            self.fail_batch(&DecoderError::Decode(err.to_string()));
+            self.fail_batch(&err.to_string());
             return;
         }
         let vocab = self.loaded.model.vocab();
@@ -570,6 +582,10 @@ impl<'m> Scheduler<'m> {
                 if released.stopped {
                     break 'sample Some(FinishReason::Stop);
                 }
+                // The last token allowed: no need to evaluate it.
+                if run.generated == run.budget {
+                    break 'sample Some(FinishReason::Length);
+                }
                 run.next = Some(token);
                 None
             };
@@ -584,9 +600,7 @@ impl<'m> Scheduler<'m> {
 
     /// The batch for this step: one token for each generating slot first
     /// (they are waiting on it), then prompt chunks while room is left.
-    fn fill_batch(&mut self) -> Result<(), DecoderError> {
-        let add_error =
-            |e: llama_cpp_2::llama_batch::BatchAddError| DecoderError::Decode(e.to_string());
+    fn fill_batch(&mut self) -> Result<(), llama_cpp_2::llama_batch::BatchAddError> {
         let mut room = self.n_batch;
         for slot in &mut self.slots {
             let Some(run) = slot.run.as_mut() else {
@@ -594,8 +608,7 @@ impl<'m> Scheduler<'m> {
             };
             if let Some(token) = run.next.take() {
                 self.batch
-                    .add(token, slot.cached.len() as i32, &[slot.seq], true)
-                    .map_err(add_error)?;
+                    .add(token, slot.cached.len() as i32, &[slot.seq], true)?;
                 slot.cached.push(token);
                 run.logits_at = Some(self.batch.n_tokens() - 1);
                 room -= 1;
@@ -617,8 +630,7 @@ impl<'m> Scheduler<'m> {
                 run.fed += 1;
                 let last = run.fed == run.prompt.len();
                 self.batch
-                    .add(token, slot.cached.len() as i32, &[slot.seq], last)
-                    .map_err(add_error)?;
+                    .add(token, slot.cached.len() as i32, &[slot.seq], last)?;
                 slot.cached.push(token);
             }
             if run.fed == run.prompt.len() {
@@ -631,11 +643,12 @@ impl<'m> Scheduler<'m> {
 
     /// A batch that could not be built or evaluated fails every run: the
     /// contents of their sequences are unknown, so those are cleared too.
-    fn fail_batch(&mut self, err: &DecoderError) {
+    fn fail_batch(&mut self, message: &str) {
         for slot in &mut self.slots {
             if let Some(run) = slot.run.take() {
                 self.active.fetch_sub(1, Ordering::Relaxed);
-                run.job.finish(Err(DecoderError::Decode(err.to_string())));
+                run.job
+                    .finish(Err(DecoderError::Decode(message.to_string())));
                 let _ = self
                     .context
                     .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
@@ -662,7 +675,7 @@ impl Loaded {
         sampler.accept_many(&prompt[window..]);
         let budget = request.max_new_tokens.min(self.context_size - prompt.len());
         Run {
-            start: Instant::now(),
+            start: job.start,
             reused,
             fed: reused,
             prompt_time: None,

@@ -20,6 +20,8 @@ pub mod subprocess;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub use config::{BackendKind, DecoderConfig, Sampling};
@@ -95,6 +97,10 @@ pub struct GenerateRequest {
     /// Keep going past end-of-generation tokens (benchmarks, as llama-server's
     /// `ignore_eos`).
     pub ignore_eos: bool,
+    /// Set by the caller to give up: the llama backend drops the request
+    /// while it is queued or reading its prompt, not only when a piece
+    /// cannot be delivered (the server sets it when the client leaves).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl GenerateRequest {
@@ -106,6 +112,7 @@ impl GenerateRequest {
             sampling,
             stop: Vec::new(),
             ignore_eos: false,
+            cancel: None,
         }
     }
 }

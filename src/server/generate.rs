@@ -4,6 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::web::Bytes;
@@ -254,6 +255,7 @@ fn generate_request(
             .map(|s| s.into_vec())
             .unwrap_or_default(),
         ignore_eos: options.ignore_eos,
+        cancel: None,
     })
 }
 
@@ -284,13 +286,22 @@ async fn respond(
     };
     state.decoder()?;
     let admission = state.clone().into_inner().admit()?;
-    let job = Job {
+    let mut job = Job {
         input,
         request,
         ablate: tofy.ablate_conditioning,
         cond_format,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // A client that leaves drops `rx` (with this handler or its stream):
+    // the decoder then gives the request up wherever it is, queued included.
+    let cancel = Arc::new(AtomicBool::new(false));
+    job.request.cancel = Some(Arc::clone(&cancel));
+    let watch = tx.clone();
+    actix_web::rt::spawn(async move {
+        watch.closed().await;
+        cancel.store(true, Ordering::Relaxed);
+    });
     let worker_state = state.clone().into_inner();
     actix_web::rt::task::spawn_blocking(move || execute(&worker_state, job, &tx, admission));
     // Nothing is sent before the first event, so that a prompt the decoder
@@ -340,8 +351,11 @@ async fn respond(
 
 /// The blocking part: world model, then the decoder, pieces sent as they
 /// come. A closed channel (the client left) cancels the generation.
-fn execute(state: &Arc<State>, job: Job, tx: &mpsc::UnboundedSender<Event>, _admission: Admission) {
+fn execute(state: &Arc<State>, job: Job, tx: &mpsc::UnboundedSender<Event>, admission: Admission) {
     let result = run(state, job, tx);
+    // Free the place first: a client that sends its next request the moment
+    // this one ends must find it free.
+    drop(admission);
     let _ = tx.send(Event::Done(result));
 }
 
@@ -504,6 +518,10 @@ fn split_calls(text: &str) -> (String, Vec<ToolCall>) {
             Parsed::Call(call) => calls.push(tools::with_id(call)),
         }
     }
+    // The whitespace around calls is not a message of its own.
+    if !calls.is_empty() && content.trim().is_empty() {
+        content.clear();
+    }
     (content, calls)
 }
 
@@ -611,16 +629,17 @@ impl Sse {
         } else {
             self.text_chunk(out, "", Some(reason));
         }
-        if self.shape.include_usage {
-            let mut chunk = self.envelope();
-            chunk["choices"] = json!([]);
-            chunk["usage"] = json!(usage(g));
-            event_line(out, &chunk);
-        }
         if let Some(tofy) = report(&self.shape, outcome) {
             let mut chunk = self.envelope();
             chunk["choices"] = json!([]);
             chunk["tofy"] = tofy;
+            event_line(out, &chunk);
+        }
+        // OpenAI's usage chunk is the last before [DONE].
+        if self.shape.include_usage {
+            let mut chunk = self.envelope();
+            chunk["choices"] = json!([]);
+            chunk["usage"] = json!(usage(g));
             event_line(out, &chunk);
         }
         self.close(out);

@@ -61,12 +61,12 @@ impl Default for Metrics {
         );
         registry.register(
             "generation_duration_seconds",
-            "Time from admission to the end of a generation",
+            "Time from the decoder call (queue included) to the end of a generation",
             request_seconds.clone(),
         );
         registry.register(
             "time_to_first_token_seconds",
-            "Time from the decoder call to the first piece of the reply",
+            "Time from the decoder call (queue included) to the first piece of the reply",
             first_token_seconds.clone(),
         );
         registry.register(
