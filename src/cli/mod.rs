@@ -164,7 +164,7 @@ pub(crate) fn split_world<'a>(
             );
             Ok((WorldSpec::Files { model, vocab }, rest))
         }
-        [model, ..] if names_model(model) => {
+        [model] if names_model(model) => {
             anyhow::bail!(
                 "{model} looks like a world model, but no vocab_world.txt follows it; usage: {usage}"
             )

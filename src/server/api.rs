@@ -82,13 +82,11 @@ pub enum StopField {
 
 impl StopField {
     pub fn into_vec(self) -> Vec<String> {
+        // Empty strings are ignored by the stop scanner.
         match self {
             Self::One(s) => vec![s],
             Self::Many(v) => v,
         }
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect()
     }
 }
 

@@ -546,8 +546,9 @@ impl Sse {
             self.started = true;
             if self.shape.chat {
                 // OpenAI's first chunk carries the role and empty content.
-                self.chunk(
+                self.choice(
                     &mut out,
+                    "delta",
                     json!({ "role": "assistant", "content": "" }),
                     None,
                 );
@@ -596,9 +597,9 @@ impl Sse {
         for item in parsed {
             match item {
                 Parsed::Content(text) if self.shape.chat => {
-                    self.chunk(out, json!({ "content": text }), None);
+                    self.choice(out, "delta", json!({ "content": text }), None);
                 }
-                Parsed::Content(text) => self.text_chunk(out, &text, None),
+                Parsed::Content(text) => self.choice(out, "text", json!(text), None),
                 Parsed::Call(call) => {
                     let call = tools::with_id(call);
                     let index = self.calls;
@@ -610,12 +611,12 @@ impl Sse {
                         "type": "function",
                         "function": { "name": call.function.name, "arguments": "" },
                     }]});
-                    self.chunk(out, head, None);
+                    self.choice(out, "delta", head, None);
                     let args = json!({ "tool_calls": [{
                         "index": index,
                         "function": { "arguments": call.function.arguments },
                     }]});
-                    self.chunk(out, args, None);
+                    self.choice(out, "delta", args, None);
                 }
             }
         }
@@ -625,9 +626,9 @@ impl Sse {
         let g = &outcome.generation;
         let reason = finish_reason(g.finish_reason, self.calls > 0);
         if self.shape.chat {
-            self.chunk(out, json!({}), Some(reason));
+            self.choice(out, "delta", json!({}), Some(reason));
         } else {
-            self.text_chunk(out, "", Some(reason));
+            self.choice(out, "text", json!(""), Some(reason));
         }
         if let Some(tofy) = report(&self.shape, outcome) {
             let mut chunk = self.envelope();
@@ -670,25 +671,14 @@ impl Sse {
         chunk
     }
 
-    fn chunk(&self, out: &mut String, delta: Value, finish: Option<&str>) {
+    /// One chunk with one choice: `key` is `delta` (chat) or `text`.
+    fn choice(&self, out: &mut String, key: &str, value: Value, finish: Option<&str>) {
+        let mut choice = json!({ "index": 0 });
+        choice[key] = value;
+        choice["logprobs"] = Value::Null;
+        choice["finish_reason"] = json!(finish);
         let mut chunk = self.envelope();
-        chunk["choices"] = json!([{
-            "index": 0,
-            "delta": delta,
-            "logprobs": null,
-            "finish_reason": finish,
-        }]);
-        event_line(out, &chunk);
-    }
-
-    fn text_chunk(&self, out: &mut String, text: &str, finish: Option<&str>) {
-        let mut chunk = self.envelope();
-        chunk["choices"] = json!([{
-            "index": 0,
-            "text": text,
-            "logprobs": null,
-            "finish_reason": finish,
-        }]);
+        chunk["choices"] = json!([choice]);
         event_line(out, &chunk);
     }
 }

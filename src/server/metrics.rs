@@ -19,7 +19,7 @@ pub struct RequestLabels {
 /// Every series the server exports.
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     prompt_tokens: Counter,
     cached_tokens: Counter,
     completion_tokens: Counter,
