@@ -362,6 +362,66 @@ fn a_disconnect_frees_its_sequence() {
     );
 }
 
+/// Sends a request on a raw connection and returns the connection, unread.
+fn send_raw(server: &Server, path: &str, body: &Value) -> std::net::TcpStream {
+    use std::io::Write;
+    let address = server.base.strip_prefix("http://").unwrap();
+    let mut socket = std::net::TcpStream::connect(address).expect("connect");
+    let body = body.to_string();
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    socket
+}
+
+#[test]
+fn a_client_that_leaves_before_its_reply_frees_its_place() {
+    // Non-streaming requests: nothing is written to them before the end,
+    // so only their sockets can say they have gone.
+    let server = Server::start(&["--parallel", "1", "--queue", "1"], &[]);
+    let long = with(
+        chat("Count to one thousand.", 3000),
+        "ignore_eos",
+        json!(true),
+    );
+    let running = send_raw(&server, "/v1/chat/completions", &long);
+    server.wait_until(
+        || server.metric("tofy_sequences_active") == 1.0,
+        "the first request to start",
+    );
+    let queued = send_raw(&server, "/v1/chat/completions", &long);
+    server.wait_until(
+        || server.metric("tofy_sequences_queued") == 1.0,
+        "the second request to queue",
+    );
+
+    drop(queued);
+    server.wait_until(
+        || server.metric("tofy_sequences_queued") == 0.0,
+        "the queued request to be dropped",
+    );
+    // Dropped while the first still runs (without the socket watch it
+    // would leave the queue only when the first ends, 3000 tokens later).
+    assert_eq!(server.metric("tofy_sequences_active"), 1.0);
+    assert_eq!(server.metric("tofy_completion_tokens_total"), 0.0);
+
+    drop(running);
+    server.wait_until(
+        || server.metric("tofy_sequences_active") == 0.0,
+        "the running request to free its sequence",
+    );
+    let (status, body) = server.post("/v1/chat/completions", &chat("Hi", 2));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        server.metric("tofy_completion_tokens_total") < 3000.0,
+        "the long request stopped early"
+    );
+}
+
 #[test]
 fn a_repeated_conversation_reuses_the_prompt_cache() {
     let server = Server::start(&["--parallel", "2"], &[]);

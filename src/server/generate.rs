@@ -16,6 +16,7 @@ use super::api::{
     ChatRequest, CompletionRequest, ConditioningReport, Content, GenerationOptions, PromptField,
     RequestMessage, ToolCall, Usage,
 };
+use super::peer::{self, PeerSocket};
 use super::tools::{self, Parsed, ToolCallParser};
 use super::{Admission, ApiError, MODEL_ID, State, read_json};
 use crate::conditioning::{CondFormat, Conditioning};
@@ -88,7 +89,7 @@ pub(crate) async fn chat(
         world_prompt,
         tools: tools.then(|| tools::tools_prompt(&body.tools)),
     };
-    respond(state, body.options, input, true, tools).await
+    respond(state, &req, body.options, input, true, tools).await
 }
 
 pub(crate) async fn completions(
@@ -114,7 +115,7 @@ pub(crate) async fn completions(
             "prompt is empty; send some text",
         ));
     }
-    respond(state, body.options, Input::Text(text), false, false).await
+    respond(state, &req, body.options, Input::Text(text), false, false).await
 }
 
 /// The OpenAI conversation as decoder messages, earlier tool calls and
@@ -261,6 +262,7 @@ fn generate_request(
 
 async fn respond(
     state: web::Data<State>,
+    req: &HttpRequest,
     mut options: GenerationOptions,
     input: Input,
     chat: bool,
@@ -293,13 +295,19 @@ async fn respond(
         cond_format,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    // A client that leaves drops `rx` (with this handler or its stream):
-    // the decoder then gives the request up wherever it is, queued included.
+    // A client that leaves mid-stream drops `rx` (with its stream); one
+    // that leaves before anything was written is seen on its socket. The
+    // decoder then gives the request up wherever it is, queued included.
     let cancel = Arc::new(AtomicBool::new(false));
     job.request.cancel = Some(Arc::clone(&cancel));
     let watch = tx.clone();
+    let socket = PeerSocket::of(req);
     actix_web::rt::spawn(async move {
-        watch.closed().await;
+        let closed = std::pin::pin!(watch.closed());
+        let gone = std::pin::pin!(peer::hung_up(socket));
+        // `closed` first: once the reply is dropped the socket may be
+        // closed and its descriptor reused, and must not be peeked at.
+        futures_util::future::select(closed, gone).await;
         cancel.store(true, Ordering::Relaxed);
     });
     let worker_state = state.clone().into_inner();

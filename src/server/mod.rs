@@ -8,8 +8,9 @@
 //! The server binds first and loads the decoder behind it, answering
 //! `/health` with 503 until the model is ready. Every generation runs on a
 //! blocking thread that feeds a channel; the HTTP side turns that channel
-//! into one JSON reply or an SSE stream. A client that goes away drops the
-//! channel, which cancels its generation at the decoder's next step.
+//! into one JSON reply or an SSE stream. A client that goes away (its
+//! stream dropped, or its socket closed while it waits) cancels its
+//! generation at the decoder's next step.
 //! Concurrency is bounded: `--parallel` sequences decode together (the
 //! llama backend batches them), `--queue` more may wait, and beyond that a
 //! request gets 503 at once.
@@ -18,6 +19,7 @@ pub mod api;
 mod error;
 mod generate;
 mod metrics;
+mod peer;
 pub mod tools;
 mod world_batch;
 
@@ -181,6 +183,7 @@ where
                 .configure(routes)
                 .default_service(web::to(not_found))
         })
+        .on_connect(peer::on_connect)
         .workers(workers)
         .shutdown_timeout(5)
         .listen(options.listener)?
