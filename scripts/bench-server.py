@@ -17,7 +17,7 @@ time. Per level it reports:
 
 One markdown table row per level goes to stdout (the header too, when --out
 is new or empty, or without --out), and one JSON line per level is appended
-to --out. A short warm-up request runs first and is not counted.
+to --out. Short warm-up requests run first, one per stream, and are not counted.
 Exit status 1 when any request failed.
 
 usage: scripts/bench-server.py --base-url http://127.0.0.1:8080 \\
@@ -30,6 +30,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -274,6 +275,51 @@ def row(s):
             f"| {fmt(s['ttft_p99_ms'])} | {fmt(s['decode_tok_s_per_stream'])} |")
 
 
+def summarize_rounds(path):
+    """Medians over the rounds of a bench-server.sh run: each (label, streams) row, then
+    tofy / llama-server per streams and mode. Labels read "<server> np=<N> <mode>"."""
+    groups = {}
+    with open(path) as f:
+        for line in f:
+            s = json.loads(line)
+            groups.setdefault((s["label"], s["concurrency"]), []).append(s)
+
+    def med(rows, key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    print("| label | streams | rounds | aggregate tok/s, median (min-max) | TTFT p50 ms | "
+          "TTFT p99 ms | decode tok/s per stream |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    medians = {}
+    for (label, c), rows in groups.items():
+        tok = [r["aggregate_tok_s"] for r in rows if r["aggregate_tok_s"] is not None] or [None]
+        medians[(label, c)] = med(rows, "aggregate_tok_s")
+        print(f"| {label} | {c} | {len(rows)} | {fmt(medians[(label, c)])} "
+              f"({fmt(min(tok))}-{fmt(max(tok))}) | {fmt(med(rows, 'ttft_p50_ms'))} | "
+              f"{fmt(med(rows, 'ttft_p99_ms'))} | {fmt(med(rows, 'decode_tok_s_per_stream'))} |")
+    print()
+    print("| streams | mode | tofy / llama-server: of the medians | per round, median (min-max) |")
+    print("|---:|---|---:|---:|")
+    for (label, c), ours in medians.items():
+        if not label.startswith("tofy "):
+            continue
+        rest = label[len("tofy "):]
+        peer = medians.get(("llama-server " + rest, c))
+        if not (ours and peer):
+            continue
+        # Rounds are appended in order, so the i-th rows of both ran back to back.
+        ratios = [a["aggregate_tok_s"] / b["aggregate_tok_s"]
+                  for a, b in zip(groups[(label, c)], groups[("llama-server " + rest, c)])
+                  if a["aggregate_tok_s"] and b["aggregate_tok_s"]]
+        if not ratios:
+            continue
+        mode = rest.split(" ", 1)[1] if " " in rest else rest
+        print(f"| {c} | {mode} | {ours / peer:.2f} | {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+    return 0
+
+
 def parse_levels(text):
     try:
         levels = [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
@@ -286,7 +332,9 @@ def parse_levels(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--summarize", metavar="JSONL",
+                    help="print the medians over the rounds recorded in JSONL, and exit")
     ap.add_argument("--concurrency", type=parse_levels, default=[1],
                     help="comma list of concurrent streams per level (default 1)")
     ap.add_argument("--requests-per-stream", type=int, default=2)
@@ -295,11 +343,15 @@ def main():
     ap.add_argument("--model", default="tofy")
     ap.add_argument("--out", default=None, help="JSON lines file to append to")
     ap.add_argument("--timeout", type=float, default=600.0, help="socket timeout, seconds")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
     ap.add_argument("--raw-system", default=None,
                     help="send POST /v1/completions with this system text and the user prompt "
                          "in ChatML, instead of chat requests")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize_rounds(args.summarize)
+    if not args.base_url:
+        ap.error("--base-url is required")
     if args.requests_per_stream < 1 or args.max_tokens < 1:
         ap.error("--requests-per-stream and --max-tokens must be >= 1")
     if args.label is None:
@@ -308,9 +360,13 @@ def main():
     target.raw_system = args.raw_system
 
     if not args.no_warmup:
-        rec = run_request(target, "Say hello.", 8, args.timeout)
-        if rec["error"] is not None:
-            print(f"bench-server: warm-up request failed: {rec['error']}", file=sys.stderr)
+        # One short request per stream of the largest level, all at once, with prompts the
+        # run does not use: every slot has seen this mode's prompt shape (its system message,
+        # cacheable), as in a server that has been serving this kind of request.
+        warm = run_level(target, max(args.concurrency), 1, 8, args.timeout, 100_000)
+        failed = [r["error"] for rs in warm for r in rs if r["error"] is not None]
+        if failed:
+            print(f"bench-server: warm-up request failed: {failed[0]}", file=sys.stderr)
             return 1
 
     new_out = args.out is None or not os.path.exists(args.out) or os.path.getsize(args.out) == 0

@@ -10,7 +10,9 @@
 # statistics.
 # Peers come from ../shared/peers/build-llama-tools.sh via scripts/bench-decoder.sh's build.
 # usage: scripts/bench-server.sh [THREADS]   (default: physical cores)
-#        env: BENCH_LEVELS (default "1 4 8"), BENCH_MAX_TOKENS (128), BENCH_REQUESTS (2)
+#        env: BENCH_LEVELS (default "1 4 8"), BENCH_MAX_TOKENS (128), BENCH_REQUESTS (2),
+#             BENCH_ROUNDS (3: each level is run this many times, the servers taking turns
+#             first; the summary gives medians, since this VM drifts by 10-15% between runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,7 @@ threads=${1:-$(lscpu -p=CORE,SOCKET | grep -v '^#' | sort -u | wc -l)}
 levels=${BENCH_LEVELS:-1 4 8}
 max_tokens=${BENCH_MAX_TOKENS:-128}
 requests=${BENCH_REQUESTS:-2}
+rounds=${BENCH_ROUNDS:-3}
 ctx=4096
 model=${TOFY_BENCH_GGUF:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 peers=target/peers
@@ -51,22 +54,32 @@ bench() { # label concurrency
         --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 chat" --out "$out"
     python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
         --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 same tokens" \
-        --raw-system "$system" --out "$out" --no-warmup | tail -n 1
+        --raw-system "$system" --out "$out" | tail -n 1
 }
 
-echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream"
-for n in $levels; do
+echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream, $rounds rounds, tofy cache ${TOFY_CACHE_TYPE:-q8_0}"
+start_tofy() {
     JEPA_DECODER_MODEL=$model JEPA_DECODER_NGL=0 JEPA_DECODER_THREADS=$threads \
-        target/release/tofy serve "127.0.0.1:$port" --parallel "$n" --ctx "$ctx" 2>/dev/null &
+        target/release/tofy serve "127.0.0.1:$port" --parallel "$1" --ctx "$ctx" 2>/dev/null &
     pid=$!
-    ready
-    bench "tofy np=$n" "$n"
-    stop
-    "$peers/bin/llama-server" -m "$model" -c $((ctx * n)) -np "$n" -t "$threads" -tb "$threads" \
+}
+start_llama-server() {
+    "$peers/bin/llama-server" -m "$model" -c $((ctx * $1)) -np "$1" -t "$threads" -tb "$threads" \
         -ngl 0 --host 127.0.0.1 --port "$port" >/dev/null 2>&1 &
     pid=$!
-    ready
-    bench "llama-server np=$n" "$n"
-    stop
+}
+for n in $levels; do
+    for round in $(seq "$rounds"); do
+        # Alternate who goes first, so that the VM's drift does not favour either.
+        order="tofy llama-server"
+        if [ $((round % 2)) -eq 0 ]; then order="llama-server tofy"; fi
+        for server in $order; do
+            "start_$server" "$n"
+            ready
+            bench "$server np=$n" "$n"
+            stop
+        done
+    done
 done
-echo "written to $out"
+echo "written to $out; medians over the rounds:"
+python3 scripts/bench-server.py --summarize "$out"

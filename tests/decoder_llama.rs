@@ -8,8 +8,8 @@ use std::ops::ControlFlow;
 
 use tofy::decoder::llama::LlamaDecoder;
 use tofy::decoder::{
-    ChatMessage, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Role,
-    Sampling,
+    CacheType, ChatMessage, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest,
+    Generation, Role, Sampling,
 };
 
 use common::{cancel_after, generate_collecting as generate};
@@ -196,6 +196,46 @@ fn bad_model_files_are_clear_errors() {
     assert!(matches!(err, DecoderError::ModelLoad { .. }), "{err}");
 }
 
+/// Each prompt's greedy reply (max_new_tokens each) from a one-slot decoder,
+/// one after another, and from a `parallel`-slot decoder, all at once.
+fn single_and_batched(
+    config: &DecoderConfig,
+    parallel: usize,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> (Vec<Generation>, Vec<Generation>) {
+    let single = LlamaDecoder::load(&common::smollm2(), config).expect("load SmolLM2");
+    let alone = prompts
+        .iter()
+        .map(|p| generate(&single, &request(p, max_new_tokens)).0)
+        .collect();
+    drop(single);
+    let batched = LlamaDecoder::load(
+        &common::smollm2(),
+        &DecoderConfig {
+            parallel,
+            ..config.clone()
+        },
+    )
+    .expect("load SmolLM2 with several slots");
+    let together = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let batched = &batched;
+                scope.spawn(move || generate(batched, &request(p, max_new_tokens)).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(batched.active_sequences(), Some(0));
+    (alone, together)
+}
+
+fn texts(generations: Vec<Generation>) -> Vec<String> {
+    generations.into_iter().map(|g| g.text).collect()
+}
+
 #[test]
 fn concurrent_requests_are_batched_and_match_their_single_outputs() {
     let prompts = [
@@ -204,36 +244,62 @@ fn concurrent_requests_are_batched_and_match_their_single_outputs() {
         "Explain what a CPU does.",
         "Say hello in French.",
         "Describe a cat in one sentence.",
-    ];
-    let single = load(512);
-    let expected: Vec<String> = prompts
-        .iter()
-        .map(|p| generate(&single, &request(p, 16)).0.text)
-        .collect();
-    drop(single);
-
+    ]
+    .map(String::from);
     // Three slots for five requests: two wait in the queue and join as
     // slots free up.
-    let batched = LlamaDecoder::load(
-        &common::smollm2(),
-        &DecoderConfig {
-            parallel: 3,
-            ..config(512)
-        },
-    )
-    .expect("load SmolLM2 with 3 slots");
-    let got: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let batched = &batched;
-                scope.spawn(move || generate(batched, &request(p, 16)).0.text)
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(got, expected, "greedy replies must not depend on batching");
-    assert_eq!(batched.active_sequences(), Some(0));
+    let (alone, together) = single_and_batched(&config(512), 3, &prompts, 16);
+    assert_eq!(
+        texts(together),
+        texts(alone),
+        "greedy replies must not depend on batching"
+    );
+}
+
+/// Where llama.cpp's CPU attention has batch-dependent fast paths: a
+/// sequence bringing >= 64 prompt rows at once, and a lone sequence
+/// decoding over >= 512 cells. Each of these long prompts is read in one
+/// chunk alone but in other chunks beside the other, and decodes past 512
+/// cells alone but beside the other when batched.
+#[test]
+fn long_prompts_stay_batch_invariant_past_the_fast_attention_paths() {
+    let prompts = [
+        format!(
+            "Continue this list: {}",
+            (1..=200)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
+            "Summarise these notes: {}",
+            (1..=40)
+                .map(|i| format!("Note {i}: the tea was served at {i} past noon."))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    ];
+    for cache_type in [CacheType::Q8_0, CacheType::F16] {
+        // Two threads: with one, the split-KV path has a single chunk.
+        let config = DecoderConfig {
+            threads: 2,
+            cache_type,
+            ..config(1024)
+        };
+        let (alone, together) = single_and_batched(&config, 2, &prompts, 24);
+        for g in &alone {
+            assert!(
+                g.prompt_tokens > 512,
+                "the prompt must pass 512 cells: {}",
+                g.prompt_tokens
+            );
+        }
+        assert_eq!(
+            texts(together),
+            texts(alone),
+            "{cache_type:?}: greedy replies must not depend on batching"
+        );
+    }
 }
 
 #[test]

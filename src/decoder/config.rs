@@ -52,6 +52,20 @@ impl BackendKind {
     }
 }
 
+/// The type of the KV cache's keys and values, which also decides how
+/// attention runs (docs/decoder.md, "Batch invariance").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheType {
+    /// 8-bit blocks (llama.cpp's `-ctk q8_0 -ctv q8_0`) with flash
+    /// attention: half the memory of f16, and the faster attention.
+    #[default]
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 16-bit floats, attention without flash attention (5-15% slower at
+    /// 8 streams on the dev machine, BENCHMARKS.md).
+    F16,
+}
+
 /// How to pick each token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
@@ -117,6 +131,8 @@ pub struct DecoderConfig {
     /// Sequences the llama backend decodes together (the server's
     /// `--parallel`); each gets `ctx` tokens of its own.
     pub parallel: usize,
+    /// KV cache type (and with it, flash attention).
+    pub cache_type: CacheType,
     /// Sampling defaults for requests that do not set their own.
     pub sampling: Sampling,
 }
@@ -132,6 +148,7 @@ impl Default for DecoderConfig {
             ngl: DEFAULT_NGL,
             threads: physical_cores(),
             parallel: 1,
+            cache_type: CacheType::default(),
             sampling: Sampling::default(),
         }
     }

@@ -15,6 +15,8 @@
 //! hold, so a prompt that shares a prefix with a slot's previous one (an
 //! agent resending its conversation) only evaluates what is new.
 
+mod sample;
+
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -25,20 +27,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use super::config::PENALTY_LAST_N;
 use super::stop::StopScanner;
 use super::{
-    BackendKind, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Generation,
-    Prompt, Role, Sampling, Sink, prompt,
+    BackendKind, CacheType, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest,
+    Generation, Prompt, Role, Sink, prompt,
 };
+use sample::Picker;
 
 /// llama.cpp's process-wide state: initialised once, never torn down.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -288,12 +289,25 @@ impl Loaded {
             .with_n_seq_max(parallel)
             .with_n_batch(config.ctx.min(2048).max(parallel))
             .with_n_threads(threads)
-            .with_n_threads_batch(threads)
-            // Off for batch invariance: ggml's CPU flash attention takes a
-            // tiled kernel, rounded differently, when a sequence brings many
-            // query rows at once, so a prompt read in one chunk and the same
-            // prompt read from the cache gave different logits.
-            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+            .with_n_threads_batch(threads);
+        let params = match config.cache_type {
+            // Flash attention with 8-bit keys and values. ggml's CPU kernel
+            // has two faster paths that round a row differently depending
+            // on what shares its batch (a tiled one for >= 64 query rows of
+            // a sequence, a split-KV one for a lone token over >= 512
+            // cells); both take only f16/f32 caches, so a q8_0 cache keeps
+            // every row on the row-by-row path and replies batch-invariant.
+            CacheType::Q8_0 => params
+                .with_type_k(KvCacheType::Q8_0)
+                .with_type_v(KvCacheType::Q8_0)
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED),
+            // An f16 cache would reach those paths: attention runs as plain
+            // matrix products instead.
+            CacheType::F16 => params
+                .with_type_k(KvCacheType::F16)
+                .with_type_v(KvCacheType::F16)
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED),
+        };
         self.model
             .new_context(self.backend, params)
             .map_err(|_| create_error())
@@ -373,7 +387,7 @@ struct Run {
     /// Prompt tokens sent to the context so far (from `reused`).
     fed: usize,
     prompt_time: Option<Duration>,
-    sampler: LlamaSampler,
+    picker: Picker,
     /// max_new_tokens, bounded by the room left in the sequence.
     budget: usize,
     generated: usize,
@@ -559,7 +573,7 @@ impl<'m> Scheduler<'m> {
                 if run.generated == run.budget {
                     break 'sample Some(FinishReason::Length);
                 }
-                let token = run.sampler.sample(&self.context, at);
+                let token = run.picker.pick(self.context.get_logits_ith(at));
                 if vocab.is_eog(token) && !run.job.request.ignore_eos {
                     break 'sample Some(FinishReason::Stop);
                 }
@@ -668,18 +682,15 @@ impl Loaded {
         reused: usize,
     ) -> Run {
         let request = &job.request;
-        let mut sampler = sampler(&request.sampling, self.model.n_vocab());
-        // As llama.cpp's own tools do: the repeat penalty window starts with
-        // the end of the prompt, not empty. (`sample` accepts new tokens.)
-        let window = prompt.len().saturating_sub(PENALTY_LAST_N as usize);
-        sampler.accept_many(&prompt[window..]);
+        let mut picker = Picker::new(&request.sampling, random_seed);
+        picker.accept_all(&prompt);
         let budget = request.max_new_tokens.min(self.context_size - prompt.len());
         Run {
             start: job.start,
             reused,
             fed: reused,
             prompt_time: None,
-            sampler,
+            picker,
             budget,
             generated: 0,
             // No BOM sniffing: the bytes are UTF-8 by definition.
@@ -716,38 +727,6 @@ fn reuse_prefix(context: &mut LlamaContext<'_>, slot: &mut Slot, tokens: &[Llama
     };
     slot.cached.truncate(kept);
     kept
-}
-
-/// llama.cpp's sampler chain in its usual order: penalties, then top-k,
-/// top-p, min-p, temperature and the random draw; greedy at temperature 0.
-fn sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
-    let mut chain = Vec::new();
-    if s.repeat_penalty != 1.0 || s.frequency_penalty != 0.0 || s.presence_penalty != 0.0 {
-        // llama.cpp caps the look-back at n_vocab, so it must be the real one.
-        chain.push(LlamaSampler::penalties(
-            n_vocab,
-            PENALTY_LAST_N,
-            s.repeat_penalty,
-            s.frequency_penalty,
-            s.presence_penalty,
-        ));
-    }
-    if s.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if s.top_k > 0 {
-            chain.push(LlamaSampler::top_k(s.top_k));
-        }
-        if s.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(s.top_p, 1));
-        }
-        if s.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(s.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(s.temperature));
-        chain.push(LlamaSampler::dist(s.seed.unwrap_or_else(random_seed)));
-    }
-    LlamaSampler::chain_simple(chain)
 }
 
 /// A seed for requests that did not fix one.

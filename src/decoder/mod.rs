@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-pub use config::{BackendKind, DecoderConfig, Sampling};
+pub use config::{BackendKind, CacheType, DecoderConfig, Sampling};
 
 /// Who said a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +206,7 @@ pub enum DecoderError {
     )]
     ModelLoad { path: PathBuf },
     #[error(
-        "llama.cpp could not create a context of {ctx} tokens for {path} (out of memory?); reduce JEPA_DECODER_CTX"
+        "llama.cpp could not create a context of {ctx} tokens for {path} (out of memory, or a backend without flash attention for a q8_0 cache?); reduce JEPA_DECODER_CTX, or try --cache-type f16"
     )]
     ContextCreate { path: PathBuf, ctx: u32 },
     #[error(
