@@ -203,6 +203,22 @@ mod tests {
             .collect()
     }
 
+    /// What llama.cpp's `chain` picks from `logits`; the token joins its
+    /// penalty window.
+    fn llama_cpp_pick(chain: &mut LlamaSampler, logits: &[f32]) -> LlamaToken {
+        let mut array = LlamaTokenDataArray::from_iter(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| LlamaTokenData::new(LlamaToken(i as i32), v, 0.0)),
+            false,
+        );
+        array.apply_sampler(chain);
+        let token = array.selected_token().unwrap();
+        chain.accept(token);
+        token
+    }
+
     /// Our penalties and argmax pick what llama.cpp's penalties + greedy
     /// chain picks, token after token, over a window that fills and slides.
     #[test]
@@ -228,15 +244,7 @@ mod tests {
             for (i, v) in l.iter_mut().enumerate().take(60) {
                 *v = 10.5 + (i % 5) as f32 * 0.01;
             }
-            let mut array = LlamaTokenDataArray::from_iter(
-                l.iter()
-                    .enumerate()
-                    .map(|(i, &v)| LlamaTokenData::new(LlamaToken(i as i32), v, 0.0)),
-                false,
-            );
-            array.apply_sampler(&mut theirs);
-            let expected = array.selected_token().unwrap();
-            theirs.accept(expected);
+            let expected = llama_cpp_pick(&mut theirs, &l);
             assert_eq!(ours.pick(&l), expected, "step {step}");
         }
     }
@@ -289,15 +297,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, v)| if i < 30 { 4.0 + v * 0.05 } else { v })
                 .collect();
-            let mut array = LlamaTokenDataArray::from_iter(
-                l.iter()
-                    .enumerate()
-                    .map(|(i, &v)| LlamaTokenData::new(LlamaToken(i as i32), v, 0.0)),
-                false,
-            );
-            array.apply_sampler(&mut theirs);
-            let expected = array.selected_token().unwrap();
-            theirs.accept(expected);
+            let expected = llama_cpp_pick(&mut theirs, &l);
             assert_eq!(ours.pick(&l), expected, "step {step}");
             distinct.insert(expected);
         }
