@@ -90,6 +90,7 @@ fn tiny_config(pairs: &Path, out: &Path) -> TrainConfig {
         weight_decay: 0.01,
         var_weight: 1.0,
         cov_weight: 0.04,
+        nce_weight: 1.0,
         init_encoder: None,
         heldout: None,
         seed: 5,

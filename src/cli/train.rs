@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// Weight of the VICReg covariance term that decorrelates latent dimensions.
     #[arg(long, default_value_t = 0.04)]
     cov_weight: f64,
+    /// Weight of the InfoNCE term: each prediction must pick its own next turn out of the batch's (0 disables).
+    #[arg(long, default_value_t = 3.0)]
+    nce_weight: f64,
     /// Start from the encoder.* tensors of this checkpoint (and the vocab_world.txt beside it).
     #[arg(long, value_name = "PATH")]
     init_encoder: Option<PathBuf>,
@@ -112,6 +115,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         weight_decay: args.weight_decay,
         var_weight: args.var_weight,
         cov_weight: args.cov_weight,
+        nce_weight: args.nce_weight,
         init_encoder: args.init_encoder,
         heldout: args.heldout,
         seed: args.seed,

@@ -6,7 +6,11 @@
 //! the L2-normalised prediction and target, plus a VICReg-style variance and
 //! covariance penalty on the online context latents: without it every text
 //! pools to nearly the same latent (the seed's recipe collapsed within 100
-//! steps) and the conditioning carries no information.
+//! steps) and the conditioning carries no information. An InfoNCE term
+//! (on by default) asks each prediction to pick its own next turn out of the
+//! batch's: with the MSE alone the prediction drifted to what all next turns
+//! share, and retrieved the true next turn no better than the context's own
+//! latent did (models/world/README.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,8 @@ const EMA_END: f64 = 0.9999;
 const WARMUP_FRACTION: f64 = 0.05;
 /// The cosine schedule ends at this fraction of the peak learning rate.
 const FINAL_LR_FRACTION: f64 = 0.1;
+/// Temperature of the InfoNCE logits (cosines / T), as in CLIP-style training.
+const NCE_TEMPERATURE: f64 = 0.1;
 /// Held-out pairs scored at each log line.
 const HELDOUT_EVAL_PAIRS: usize = 512;
 
@@ -55,6 +61,9 @@ pub struct TrainConfig {
     pub var_weight: f64,
     /// Weight of the VICReg covariance term (off-diagonal covariance²).
     pub cov_weight: f64,
+    /// Weight of the InfoNCE term: each prediction must pick its own target
+    /// out of the batch's (0 disables).
+    pub nce_weight: f64,
     pub init_encoder: Option<PathBuf>,
     /// Held-out pairs for the logged cosine; defaults to the
     /// `prepare-chitchat` sibling `<pairs>.heldout.tsv` when it exists.
@@ -322,7 +331,10 @@ fn batch_loss(
     let cosine = (&p * &t)?.sum(1)?;
     // ‖p − t‖² = 2 − 2·cos for unit vectors; averaged over the batch.
     let prediction = (2.0 - (cosine.mean_all()? * 2.0)?)?;
-    let loss = (prediction + vicreg(&latent, cfg.var_weight, cfg.cov_weight)?)?;
+    let mut loss = (prediction + vicreg(&latent, cfg.var_weight, cfg.cov_weight)?)?;
+    if cfg.nce_weight > 0.0 {
+        loss = (loss + (info_nce(&p, &t)? * cfg.nce_weight)?)?;
+    }
     Ok((loss, cosine.mean_all()?))
 }
 
@@ -332,6 +344,16 @@ fn gather<'a>(side: &'a [Vec<u32>], indices: &[usize]) -> (Vec<&'a [u32]>, Vec<u
         .iter()
         .map(|&i| (side[i].as_slice(), side[i].len()))
         .unzip()
+}
+
+/// InfoNCE over the batch: cross-entropy of each unit prediction's cosines
+/// to the batch's unit targets (at temperature NCE_TEMPERATURE) against
+/// its own. The MSE alone rewards predicting what every next turn shares;
+/// this asks the prediction to tell its next turn from the others.
+fn info_nce(p: &Tensor, t: &Tensor) -> Result<Tensor, candle_core::Error> {
+    let logits = (p.matmul(&t.t()?)? / NCE_TEMPERATURE)?;
+    let labels = Tensor::arange(0u32, logits.dim(0)? as u32, logits.device())?;
+    candle_nn::loss::cross_entropy(&logits, &labels)
 }
 
 /// VICReg variance (hinge at std 1) and covariance (off-diagonal²/D) terms.
