@@ -61,7 +61,7 @@ $(PAIRS): $(CHITCHAT) build
 
 ## world-model: retrain the embedded default (models/world/README.md) and score it
 world-model: data
-	$(TOFY) train-world $(PAIRS) 2000 64 128 32 2 4 8000 256 --lr 1e-3 --seed 0 --out models/world
+	$(TOFY) train-world $(PAIRS) 4000 64 128 32 2 4 8000 256 --lr 1e-3 --seed 0 --out models/world
 	$(TOFY) eval-world models/world/model_world_1.51M.safetensors models/world/vocab_world.txt data/chitchat_pairs.heldout.tsv
 
 ## fixture: regenerate tests/fixtures/seed-tiny with the independent NumPy implementation

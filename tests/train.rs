@@ -91,6 +91,7 @@ fn tiny_config(pairs: &Path, out: &Path) -> TrainConfig {
         var_weight: 1.0,
         cov_weight: 0.04,
         nce_weight: 1.0,
+        embed_lr_scale: 10.0,
         init_encoder: None,
         heldout: None,
         seed: 5,
@@ -116,6 +117,49 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
             (n, values)
         })
         .collect()
+}
+
+/// Largest absolute difference between two runs' values of `name`.
+fn max_change(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], name: &str) -> f32 {
+    let values =
+        |run: &[(String, Vec<f32>)]| run.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    values(a)
+        .iter()
+        .zip(&values(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+#[test]
+fn the_token_embeddings_train_at_their_own_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let run = |steps: usize, lr: f64, embed_lr_scale: f64, out: &str| {
+        let cfg = TrainConfig {
+            steps,
+            lr,
+            embed_lr_scale,
+            ..tiny_config(&corpus, &dir.path().join(out))
+        };
+        tensors(&train(&cfg).unwrap().model_path)
+    };
+    let initial = run(1, 1e-9, 1.0, "init");
+    let frozen = run(5, 3e-3, 0.0, "frozen");
+    let (slow, fast) = (run(5, 3e-3, 1.0, "slow"), run(5, 3e-3, 10.0, "fast"));
+    let embed = "encoder.embed.weight";
+    assert!(
+        max_change(&frozen, &initial, embed) < 1e-6,
+        "scale 0 freezes the embeddings"
+    );
+    assert!(max_change(&frozen, &initial, "encoder.block_0.ff1.weight") > 1e-4);
+    let (moved_slow, moved_fast) = (
+        max_change(&slow, &initial, embed),
+        max_change(&fast, &initial, embed),
+    );
+    assert!(
+        moved_fast > 5.0 * moved_slow,
+        "embeddings moved {moved_slow:e} at 1×, {moved_fast:e} at 10×"
+    );
 }
 
 #[test]
@@ -359,6 +403,18 @@ fn train_world_bad_input_is_one_line_and_writes_nothing() {
         &out_s,
     ]));
     assert!(e.contains("dim 30 is not divisible by num_heads 4"), "{e}");
+
+    let e = one_error_line(tofy(&[
+        "train-world",
+        &corpus_s,
+        "--embed-lr-scale=-1",
+        "--out",
+        &out_s,
+    ]));
+    assert!(
+        e.contains("--embed-lr-scale -1 must be a number >= 0"),
+        "{e}"
+    );
 
     let blocker = d.join("a_file");
     std::fs::write(&blocker, "not a folder").unwrap();

@@ -38,6 +38,8 @@ const WARMUP_FRACTION: f64 = 0.05;
 const FINAL_LR_FRACTION: f64 = 0.1;
 /// Temperature of the InfoNCE logits (cosines / T), as in CLIP-style training.
 const NCE_TEMPERATURE: f64 = 0.1;
+/// The token embeddings, trained at `embed_lr_scale` × the learning rate.
+const EMBEDDING: &str = "encoder.embed.weight";
 /// Held-out pairs scored at each log line.
 const HELDOUT_EVAL_PAIRS: usize = 512;
 
@@ -64,6 +66,11 @@ pub struct TrainConfig {
     /// Weight of the InfoNCE term: each prediction must pick its own target
     /// out of the batch's (0 disables).
     pub nce_weight: f64,
+    /// Learning rate of the encoder's token embeddings, as a multiple of `lr`.
+    /// An embedding row only gets a gradient when its token is in the batch,
+    /// so at the shared rate a word seen a hundred times an epoch hardly
+    /// moves from its unit-scale initial vector.
+    pub embed_lr_scale: f64,
     pub init_encoder: Option<PathBuf>,
     /// Held-out pairs for the logged cosine; defaults to the
     /// `prepare-chitchat` sibling `<pairs>.heldout.tsv` when it exists.
@@ -183,18 +190,29 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         weight_decay: cfg.weight_decay,
         ..Default::default()
     };
-    let mut optimizer = AdamW::new(varmap.all_vars(), params)?;
+    // Two optimizers over disjoint variables, so that the token embeddings
+    // can run at their own learning rate.
+    let (embedding, rest): (Vec<_>, Vec<_>) = named_vars(&varmap)
+        .into_iter()
+        .partition(|(name, _)| name == EMBEDDING);
+    let mut optimizer = AdamW::new(rest.into_iter().map(|(_, v)| v).collect(), params.clone())?;
+    let mut embedding_optimizer =
+        AdamW::new(embedding.into_iter().map(|(_, v)| v).collect(), params)?;
     let bar = progress_bar(cfg);
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut log = Vec::new();
     for step in 0..cfg.steps {
-        optimizer.set_learning_rate(learning_rate(cfg, step));
+        let lr = learning_rate(cfg, step);
+        optimizer.set_learning_rate(lr);
+        embedding_optimizer.set_learning_rate(lr * cfg.embed_lr_scale);
         let teacher = teacher_encoder(&teacher_weights, &world, &device)?;
         let batch: Vec<usize> = (0..cfg.batch)
             .map(|_| rng.random_range(0..data.len()))
             .collect();
         let (loss, cosine) = batch_loss(cfg, &world, &online, &teacher, &data, &batch, &device)?;
-        optimizer.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        optimizer.step(&grads)?;
+        embedding_optimizer.step(&grads)?;
         update_teacher(&mut teacher_weights, &varmap, ema_decay(cfg, step))?;
 
         let loss_value = loss.to_scalar::<f32>()?;
@@ -288,6 +306,12 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
         return Err(TrainError::Invalid(format!(
             "--lr {} must be a positive number",
             cfg.lr
+        )));
+    }
+    if !(cfg.embed_lr_scale.is_finite() && cfg.embed_lr_scale >= 0.0) {
+        return Err(TrainError::Invalid(format!(
+            "--embed-lr-scale {} must be a number >= 0 (0 freezes the token embeddings)",
+            cfg.embed_lr_scale
         )));
     }
     Ok(())
@@ -400,12 +424,15 @@ fn heldout_cosine(
 
 /// The online model's `encoder.*` variables.
 fn encoder_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut vars = named_vars(varmap);
+    vars.retain(|(name, _)| name.starts_with("encoder."));
+    vars
+}
+
+/// Every variable with its checkpoint name, sorted by name.
+fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     let vars = varmap.data().lock().expect("var map lock");
-    let mut out: Vec<_> = vars
-        .iter()
-        .filter(|(name, _)| name.starts_with("encoder."))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    let mut out: Vec<_> = vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
