@@ -119,15 +119,24 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// Largest absolute difference between two runs' values of `name`.
-fn max_change(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], name: &str) -> f32 {
-    let values =
-        |run: &[(String, Vec<f32>)]| run.iter().find(|(n, _)| n == name).unwrap().1.clone();
-    values(a)
-        .iter()
-        .zip(&values(b))
+/// Largest absolute difference between two tensors' values.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max)
+}
+
+/// Largest absolute difference between two runs' values of `name`.
+fn max_change(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], name: &str) -> f32 {
+    let values = |run: &'static str, of: &[(String, Vec<f32>)]| {
+        of.iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{run} run has no {name}"))
+            .1
+            .clone()
+    };
+    max_abs_diff(&values("first", a), &values("second", b))
 }
 
 #[test]
@@ -183,11 +192,7 @@ fn training_lowers_the_loss_trains_every_layer_and_reloads() {
     one_step.out = dir.path().join("init");
     let initial = tensors(&train(&one_step).unwrap().model_path);
     for ((name, t), (_, i)) in trained.iter().zip(&initial) {
-        let moved = t
-            .iter()
-            .zip(i)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let moved = max_abs_diff(t, i);
         if name.starts_with("decoder_bridge") {
             assert!(
                 moved < 1e-6,
