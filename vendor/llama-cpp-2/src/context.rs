@@ -73,6 +73,24 @@ impl<'model> LlamaContext<'model> {
         }
     }
 
+    /// The raw `llama_context` pointer, for llama.cpp calls this crate does
+    /// not wrap (embedding batches, control vectors). Valid while `self` is.
+    #[must_use]
+    pub fn as_ptr(&self) -> *const llama_cpp_sys_2::llama_context {
+        self.context.as_ptr()
+    }
+
+    /// The raw mutable `llama_context` pointer, for llama.cpp calls this
+    /// crate does not wrap (`llama_process`, `llama_set_adapter_cvec`).
+    ///
+    /// # Safety
+    /// The caller must not free the context, and must not keep a slice from
+    /// [`Self::get_logits_ith`] or similar across a call that writes through
+    /// this pointer.
+    pub unsafe fn as_mut_ptr(&mut self) -> *mut llama_cpp_sys_2::llama_context {
+        self.context.as_mut_ptr()
+    }
+
     // FIXME(madsmtm): Somehow return `LlamaModel<'_>` here?
     fn model_ptr(&self) -> *const llama_cpp_sys_2::llama_model {
         unsafe { llama_cpp_sys_2::llama_get_model(self.context.as_ptr()) }

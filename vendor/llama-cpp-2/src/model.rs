@@ -166,6 +166,13 @@ impl LlamaModel {
         self.vocab().n_tokens()
     }
 
+    /// The raw `llama_model` pointer, for llama.cpp calls this crate does
+    /// not wrap (`llama_model_n_embd_inp`). Valid while `self` is.
+    #[must_use]
+    pub fn as_ptr(&self) -> *const llama_cpp_sys_2::llama_model {
+        self.model.as_ptr()
+    }
+
     /// This returns a `c_int` for maximum compatibility. Most of the time it can be cast to an i32
     /// without issue.
     #[must_use]
