@@ -66,7 +66,7 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ");
         let request = GenerateRequest {
-            prompt: Prompt::Text(text),
+            prompt: Prompt::text(text),
             max_new_tokens: ng,
             sampling: Sampling {
                 repeat_penalty: 1.0,

@@ -1,10 +1,14 @@
 //! What the decoder is told about the world model's prediction.
 //!
-//! Today the conditioning reaches the decoder as text in the system message
-//! (`JEPA_DECODER_COND_FORMAT` = `chunks` | `stats` | `both`, exactly as
-//! `specs/world-checkpoint.md` fixes them). [`Conditioning`] keeps the raw
-//! vector so that the vector paths (prefix embeddings through
-//! `llama_batch.embd`, control vectors) can take it as is.
+//! [`CondMode`] (`JEPA_DECODER_COND_MODE`) picks the channel:
+//! - `text`: the vector written into the system message
+//!   (`JEPA_DECODER_COND_FORMAT` = `chunks` | `stats` | `both`, exactly as
+//!   `specs/world-checkpoint.md` fixes them);
+//! - `prefix`: the same system message, with K embedding rows from a
+//!   [`crate::projector::Projector`] in the place of the numbers;
+//! - `none`: no conditioning message at all.
+//!
+//! [`Conditioning`] keeps the raw vector, so every channel takes it as is.
 
 use std::fmt::Write;
 use std::str::FromStr;
@@ -27,6 +31,47 @@ impl CondFormat {
             Self::Chunks => "chunks",
             Self::Stats => "stats",
             Self::Both => "both",
+        }
+    }
+}
+
+/// Which channel carries the conditioning to the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CondMode {
+    /// The vector as numbers in the system message (the seed's way).
+    #[default]
+    Text,
+    /// The system message's instruction, then K projected embedding rows.
+    Prefix,
+    /// No conditioning message.
+    None,
+}
+
+impl CondMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Prefix => "prefix",
+            Self::None => "none",
+        }
+    }
+}
+
+/// An unknown `JEPA_DECODER_COND_MODE` / `cond_mode` name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown conditioning mode '{0}': use text, prefix or none")]
+pub struct UnknownMode(pub String);
+
+impl FromStr for CondMode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "prefix" => Ok(Self::Prefix),
+            "none" => Ok(Self::None),
+            other => Err(UnknownMode(other.to_string())),
         }
     }
 }

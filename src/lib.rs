@@ -11,6 +11,7 @@
 //!   backends, model discovery and the `JEPA_DECODER_*` settings.
 //! - [`engine`]: prompt → world model → conditioning → decoder, shared by the
 //!   CLI and the server.
+//! - [`projector`]: world vector → embedding rows for prefix conditioning.
 //! - [`server`]: the OpenAI-compatible HTTP server (`tofy serve`).
 //! - [`eval`]: held-out evaluation of a world model against baselines.
 //! - [`train`] (feature `train`): the candle trainer and reference model.
@@ -23,6 +24,7 @@ pub mod data;
 pub mod decoder;
 pub mod engine;
 pub mod eval;
+pub mod projector;
 pub mod server;
 #[cfg(feature = "train")]
 pub mod train;

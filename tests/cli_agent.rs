@@ -268,6 +268,23 @@ fn bad_input_is_one_clear_line() {
             "invalid value 'vectors'",
         ),
         (
+            vec![("JEPA_DECODER_COND_MODE", "soft")],
+            "invalid value 'soft'",
+        ),
+        (
+            vec![("TOFY_PROJECTOR", "/nope/p.safetensors")],
+            "projector /nope/p.safetensors",
+        ),
+        (vec![("TOFY_PROJECTOR", &junk)], "not a safetensors file"),
+        (
+            // The stub takes no embedding rows.
+            vec![
+                ("JEPA_DECODER_BACKEND", "stub"),
+                ("JEPA_DECODER_COND_MODE", "prefix"),
+            ],
+            "prefix conditioning needs embedding input",
+        ),
+        (
             vec![
                 ("JEPA_DECODER_MODEL", &model),
                 ("JEPA_DECODER_BACKEND", "subprocess"),
@@ -293,5 +310,95 @@ fn bad_input_is_one_clear_line() {
     assert!(
         line.contains("encoder.embed.weight"),
         "dims checked against the checkpoint: {line}"
+    );
+}
+
+#[test]
+fn prefix_mode_streams_a_reply_from_projected_rows() {
+    let model = smollm2().display().to_string();
+    let env = [
+        ("JEPA_DECODER_MODEL", model.as_str()),
+        ("JEPA_DECODER_NGL", "0"),
+    ];
+    let run = |mode: &str| -> serde_json::Value {
+        let out = tofy(
+            &[
+                "infer-agent",
+                "write a short gpu recommendation",
+                "--json",
+                "--temp",
+                "0",
+                "--max-new-tokens",
+                "12",
+                "--cond-mode",
+                mode,
+            ],
+            &env,
+        );
+        serde_json::from_str(stdout(&out).trim()).unwrap()
+    };
+    let prefix = run("prefix");
+    assert_eq!(prefix["cond_mode"], "prefix");
+    assert_eq!(prefix["k"], 4, "the placeholder projector's K");
+    assert_eq!(
+        prefix["projector"],
+        "models/projector/smollm2-135m-placeholder.safetensors"
+    );
+    assert_eq!(prefix["conditioning"].as_array().unwrap().len(), 256);
+    assert!(!prefix["reply"].as_str().unwrap().trim().is_empty());
+    let text = run("text");
+    let none = run("none");
+    assert_eq!((text["k"].as_u64(), none["k"].as_u64()), (Some(0), Some(0)));
+    // Four rows in place of ~50 digit tokens; none has no message at all.
+    let tokens = |v: &serde_json::Value| v["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        tokens(&none) < tokens(&prefix) && tokens(&prefix) + 40 < tokens(&text),
+        "none {} / prefix {} / text {}",
+        tokens(&none),
+        tokens(&prefix),
+        tokens(&text)
+    );
+
+    // Streaming, as a user runs it.
+    let out = tofy(
+        &[
+            "infer-agent",
+            "hello there",
+            "--max-new-tokens",
+            "8",
+            "--cond-mode",
+            "prefix",
+        ],
+        &env,
+    );
+    assert!(!stdout(&out).trim().is_empty());
+
+    // A projector for another width is one clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide.safetensors");
+    tofy::projector::Projector::random(256, 2, 640, 1.0, 0, "gemma.gguf")
+        .save(&wide, "test")
+        .unwrap();
+    let line = fails(tofy(
+        &["infer-agent", "hi", "--cond-mode", "prefix", "--projector"],
+        &[],
+    ));
+    assert!(line.contains("--projector"), "{line}");
+    let wide = wide.display().to_string();
+    let line = fails(tofy(
+        &[
+            "infer-agent",
+            "hi",
+            "--cond-mode",
+            "prefix",
+            "--projector",
+            &wide,
+        ],
+        &env,
+    ));
+    assert!(
+        line.contains("makes rows of 640 values for gemma.gguf")
+            && line.contains("takes rows of 576"),
+        "{line}"
     );
 }

@@ -867,3 +867,197 @@ fn opencode_run_gets_a_reply() {
     );
     run_client(&server, Path::new("/bin/bash"), "opencode_check.sh");
 }
+
+/// The embedding rows of `tokens`, read from the GGUF.
+fn token_rows(tokens: &[i32]) -> Vec<f32> {
+    tofy::decoder::llama::ffi::TokenEmbeddings::open(&common::smollm2())
+        .unwrap()
+        .rows(tokens)
+        .unwrap()
+}
+
+fn base64_rows(rows: &[f32]) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn prompt_embeds_and_tokenize_over_http() {
+    let server = Server::start(&["--ctx", "256"], &[]);
+    // /tokenize and /detokenize, in llama-server's shapes.
+    let text = "The capital of France is";
+    let (status, t) = server.post("/tokenize", &json!({ "content": text }));
+    assert_eq!(status, 200, "{t}");
+    let tokens: Vec<i32> = serde_json::from_value(t["tokens"].clone()).unwrap();
+    assert!(tokens.len() >= 5, "{t}");
+    let (status, d) = server.post("/detokenize", &json!({ "tokens": tokens }));
+    assert_eq!((status, d["content"].as_str()), (200, Some(text)));
+    let (status, e) = server.post("/detokenize", &json!({ "tokens": [1, -5] }));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("tokens"))
+    );
+
+    // prompt_embeds, in both encodings, equals the text prompt (greedy).
+    let complete = |body: Value| {
+        let (status, reply) = server.post(
+            "/v1/completions",
+            &with(with(body, "max_tokens", json!(8)), "temperature", json!(0)),
+        );
+        assert_eq!(status, 200, "{reply}");
+        reply
+    };
+    let by_text = complete(json!({ "prompt": text }));
+    let rows = token_rows(&tokens);
+    let n = tokens.len();
+    let encoded = json!({ "shape": [n, 576], "data": base64_rows(&rows) });
+    let listed: Vec<&[f32]> = rows.chunks(576).collect();
+    for embeds in [encoded.clone(), json!(listed)] {
+        let reply = complete(json!({ "prompt_embeds": embeds }));
+        assert_eq!(reply["choices"][0]["text"], by_text["choices"][0]["text"]);
+        assert_eq!(reply["usage"]["prompt_tokens"].as_u64(), Some(n as u64));
+    }
+    // The same rows again come from the cache.
+    let again = complete(json!({ "prompt_embeds": encoded }));
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(n as u64 - 1)
+    );
+    // Rows first, then the text continues after them.
+    let head = token_rows(&tokens[..1]);
+    let rest = complete(json!({
+        "prompt_embeds": { "shape": [1, 576], "data": base64_rows(&head) },
+        "prompt": " capital",
+    }));
+    assert!(
+        rest["usage"]["prompt_tokens"].as_u64().unwrap() >= 2,
+        "{rest}"
+    );
+
+    // Each bad input is a 400 naming the parameter.
+    let nan = base64_rows(&[f32::NAN; 576]);
+    let bad: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({ "shape": [1, 8], "data": base64_rows(&[0.5; 8]) }),
+            "prompt_embeds",
+            "input width (n_embd) is 576",
+        ),
+        (
+            json!({ "shape": [2, 576], "data": base64_rows(&rows[..576]) }),
+            "prompt_embeds",
+            "needs 4608 bytes",
+        ),
+        (
+            json!({ "shape": [100000000, 576], "data": "AAAA" }),
+            "prompt_embeds",
+            "do not fit the context",
+        ),
+        (
+            json!({ "shape": [1, 576], "data": nan }),
+            "prompt_embeds",
+            "non-finite",
+        ),
+        (
+            json!({ "shape": [1, 576], "data": "!".repeat(3072) }),
+            "prompt_embeds",
+            "not valid base64",
+        ),
+        (
+            json!([vec![0.5; 576], vec![0.5; 3]]),
+            "prompt_embeds",
+            "row 1",
+        ),
+        (json!("rows"), "prompt_embeds", "send {"),
+    ];
+    for (embeds, param, want) in bad {
+        let (status, e) = server.post(
+            "/v1/completions",
+            &json!({ "prompt_embeds": embeds, "max_tokens": 2 }),
+        );
+        assert_eq!(status, 400, "{e}");
+        assert_eq!(e["error"]["param"], param);
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{want}: {message}");
+    }
+    // Rows and text together past the context.
+    let (status, e) = server.post(
+        "/v1/completions",
+        &json!({
+            "prompt_embeds": { "shape": [200, 576], "data": base64_rows(&vec![0.01; 200 * 576]) },
+            "prompt": "word ".repeat(100),
+            "max_tokens": 2,
+        }),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    assert_eq!(e["error"]["param"], "prompt");
+    // The server is still well.
+    assert_eq!(server.get("/health").0, 200);
+}
+
+#[test]
+fn prefix_mode_chat_carries_the_world_vector_in_rows() {
+    let server = Server::start(&["--ctx", "512"], &[]);
+    let ask = |tofy: Value| {
+        let body = with(
+            chat("write a short gpu recommendation", 6),
+            "tofy",
+            with(tofy, "return_conditioning", json!(true)),
+        );
+        let (status, reply) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        reply
+    };
+    let usage = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    let text = ask(json!({}));
+    let prefix = ask(json!({ "cond_mode": "prefix" }));
+    let none = ask(json!({ "cond_mode": "none" }));
+    let report = &prefix["tofy"]["conditioning"];
+    assert_eq!(report["cond_mode"], "prefix");
+    assert_eq!(report["k"], 4);
+    assert_eq!(report["vector"].as_array().unwrap().len(), 256);
+    assert_eq!(text["tofy"]["conditioning"]["cond_mode"], "text");
+    assert!(
+        usage(&none) < usage(&prefix) && usage(&prefix) + 40 < usage(&text),
+        "none {} / prefix {} / text {}",
+        usage(&none),
+        usage(&prefix),
+        usage(&text)
+    );
+    assert_eq!(none["tofy"]["conditioning"]["k"], 0);
+
+    // The caller's own rows, or its own world vector through the projector.
+    let rows = token_rows(&[28, 29, 30]);
+    let own = ask(json!({
+        "prefix_embeddings": { "shape": [3, 576], "data": base64_rows(&rows) },
+    }));
+    assert_eq!(own["tofy"]["conditioning"]["k"], 3);
+    assert_eq!(usage(&own), usage(&prefix) - 1);
+    let vector = ask(json!({ "conditioning": vec![0.1; 256] }));
+    assert_eq!(vector["tofy"]["conditioning"]["k"], 4);
+    assert_eq!(vector["tofy"]["conditioning"]["world_tokens"], 0);
+
+    for (tofy, param) in [
+        (json!({ "conditioning": [0.1, 0.2] }), "tofy.conditioning"),
+        (
+            json!({ "prefix_embeddings": [[0.5, 0.5]] }),
+            "tofy.prefix_embeddings",
+        ),
+    ] {
+        let (status, e) = server.post("/v1/chat/completions", &with(chat("hi", 2), "tofy", tofy));
+        assert_eq!(status, 400, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    let (status, e) = server.post(
+        "/v1/chat/completions",
+        &with(chat("hi", 2), "tofy", json!({ "cond_mode": "vectors" })),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("text, prefix or none")
+    );
+}

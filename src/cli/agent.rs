@@ -13,7 +13,7 @@ use super::decoder_args::DecoderArgs;
 use super::{WorldSizeArgs, WorldSpec, split_world};
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, BackendKind, DecoderConfig, FinishReason, discovery};
-use crate::engine::{AgentReply, AgentRequest, Engine};
+use crate::engine::{AgentReply, AgentRequest, Engine, TurnOptions};
 use crate::world::{LoadOptions, WorldModel, WorldOverrides};
 
 #[derive(Debug, Args)]
@@ -114,14 +114,6 @@ pub(crate) fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldO
     }
 }
 
-/// Opens the configured decoder and says on stderr what the user should
-/// know about it.
-fn open_decoder(config: &DecoderConfig) -> anyhow::Result<Box<dyn decoder::Decoder>> {
-    let decoder = decoder::open(config)?;
-    print_notices(decoder.as_ref(), config);
-    Ok(decoder)
-}
-
 /// An ignored NGL, the stub's advice.
 pub(crate) fn print_notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) {
     if decoder.backend() == BackendKind::Llama
@@ -151,14 +143,20 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     };
     let world = spec.load(&options)?;
     let config = args.decoder.config();
-    let decoder = open_decoder(&config)?;
-    let engine = Engine::new(world, decoder, args.decoder.cond_format);
+    let projector = args.decoder.projector()?;
+    let decoder = decoder::open(&config)?;
+    let engine = Engine::new(world, decoder, args.decoder.cond_settings(), projector)?;
+    // Only once the engine stands: an error is then the one line printed.
+    print_notices(engine.decoder(), &config);
     let request = AgentRequest {
         prompt: pos.prompt.to_string(),
         max_new_tokens: args
             .max_new_tokens
             .map_or(pos.max_new_tokens, |n| n as usize),
-        ablate_conditioning: args.ablate_conditioning,
+        turn: TurnOptions {
+            ablate: args.ablate_conditioning,
+            ..TurnOptions::default()
+        },
         sampling: config.sampling.clone(),
         stop: args.stop.clone(),
     };
@@ -202,7 +200,12 @@ struct JsonReply<'a> {
     backend: BackendKind,
     model: Option<String>,
     finish_reason: FinishReason,
+    cond_mode: &'static str,
     cond_format: &'static str,
+    /// Embedding rows in the prompt (prefix mode's K; 0 otherwise).
+    k: usize,
+    /// The projector prefix mode used.
+    projector: Option<&'a str>,
     ablated: bool,
     world_tokens: usize,
     conditioning: &'a [f32],
@@ -223,8 +226,10 @@ struct Timings {
 }
 
 impl<'a> JsonReply<'a> {
-    fn new(engine: &Engine, reply: &'a AgentReply) -> Self {
+    fn new(engine: &'a Engine, reply: &'a AgentReply) -> Self {
         let g = &reply.generation;
+        let steer = &reply.steer;
+        let conditioning = steer.conditioning.as_ref();
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let decode_time = g.total_time.saturating_sub(g.time_to_first_token);
         let decode_tokens_per_second = (g.completion_tokens > 1 && !decode_time.is_zero())
@@ -237,15 +242,20 @@ impl<'a> JsonReply<'a> {
                 .model_path()
                 .map(|p| p.display().to_string()),
             finish_reason: g.finish_reason,
-            cond_format: engine.cond_format().name(),
-            ablated: reply.conditioning.ablated,
-            world_tokens: reply.conditioning.world_tokens,
-            conditioning: &reply.conditioning.vector,
+            cond_mode: steer.mode.name(),
+            cond_format: steer.format.name(),
+            k: steer.k(),
+            projector: (steer.k() > 0)
+                .then(|| engine.projector().map(|p| p.source()))
+                .flatten(),
+            ablated: conditioning.is_some_and(|c| c.ablated),
+            world_tokens: conditioning.map_or(0, |c| c.world_tokens),
+            conditioning: conditioning.map_or(&[], |c| c.vector.as_slice()),
             prompt_tokens: g.prompt_tokens,
             cached_tokens: g.cached_tokens,
             completion_tokens: g.completion_tokens,
             timings: Timings {
-                world_ms: ms(reply.world_time),
+                world_ms: ms(steer.world_time),
                 time_to_first_token_ms: ms(g.time_to_first_token),
                 prompt_ms: g.prompt_time.map(ms),
                 total_ms: ms(g.total_time),
@@ -355,10 +365,29 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "context:       {} tokens; conditioning as text, format {}",
+        "context:       {} tokens; conditioning mode {}, format {}",
         config.ctx,
+        args.decoder.cond_mode.name(),
         args.decoder.cond_format.name()
     )?;
+    match args.decoder.projector() {
+        Ok(Some(p)) => writeln!(
+            out,
+            "projector:     {} (K={}, rows of {}, for {})",
+            p.source(),
+            p.k(),
+            p.n_embd(),
+            p.gguf_name()
+        )?,
+        Ok(None) => writeln!(
+            out,
+            "projector:     embedded placeholder for SmolLM2-135M-Instruct (used where the decoder takes rows of 576)"
+        )?,
+        Err(err) => {
+            writeln!(out, "projector:     {err}")?;
+            fixes.push("fix or unset TOFY_PROJECTOR / --projector".to_string());
+        }
+    }
     if fixes.is_empty() {
         writeln!(out, "ok: nothing to fix")?;
     } else {

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::conditioning::CondFormat;
+use crate::conditioning::{CondFormat, CondMode};
 use crate::decoder::config::{
     self, CacheType, DEFAULT_BIN, DEFAULT_CTX, DEFAULT_MIN_P, DEFAULT_NGL, DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P,
 };
 use crate::decoder::{BackendKind, DecoderConfig, Sampling};
+use crate::engine::CondSettings;
+use crate::projector::{Projector, ProjectorError};
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Decoder")]
@@ -67,9 +69,17 @@ pub struct DecoderArgs {
     /// memory; f16 runs without flash attention, 5-15% slower.
     #[arg(long, env = "TOFY_CACHE_TYPE", value_enum, default_value_t = CacheType::default())]
     pub cache_type: CacheType,
-    /// How the conditioning vector is written into the prompt.
+    /// How the conditioning vector is written into the prompt (text mode).
     #[arg(long, env = "JEPA_DECODER_COND_FORMAT", value_enum, default_value_t = CondFormat::Chunks)]
     pub cond_format: CondFormat,
+    /// How the conditioning reaches the decoder: text (numbers in the system message), prefix
+    /// (projected embedding rows in their place), none.
+    #[arg(long, env = "JEPA_DECODER_COND_MODE", value_enum, default_value_t = CondMode::Text)]
+    pub cond_mode: CondMode,
+    /// Projector for prefix mode (safetensors) [default: the embedded placeholder for
+    /// SmolLM2-135M-Instruct].
+    #[arg(long, env = "TOFY_PROJECTOR", value_name = "FILE")]
+    pub projector: Option<PathBuf>,
 }
 
 impl DecoderArgs {
@@ -77,6 +87,23 @@ impl DecoderArgs {
     /// as unset, as in the seed).
     pub fn bin(&self) -> Option<&str> {
         self.bin.as_deref().filter(|b| !b.is_empty())
+    }
+
+    /// The conditioning mode and format.
+    pub fn cond_settings(&self) -> CondSettings {
+        CondSettings {
+            mode: self.cond_mode,
+            format: self.cond_format,
+        }
+    }
+
+    /// `--projector`, loaded, or `None` for the embedded default.
+    pub fn projector(&self) -> Result<Option<Projector>, ProjectorError> {
+        self.projector
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Projector::load)
+            .transpose()
     }
 
     pub fn config(&self) -> DecoderConfig {
@@ -106,6 +133,7 @@ impl DecoderArgs {
                 frequency_penalty: 0.0,
                 seed: self.seed,
             },
+            split_mixed_batches: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 mod agent;
 mod condition;
 mod decoder_args;
+mod projector;
 mod serve;
 mod train;
 
@@ -39,6 +40,8 @@ enum Command {
     Doctor(agent::DoctorArgs),
     /// Serve the OpenAI API (chat, completions, models) for OpenCode and other clients.
     Serve(serve::ServeArgs),
+    /// Write a fixed random projector for a GGUF (prefix mode's placeholder).
+    RandomProjector(projector::RandomProjectorArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -101,6 +104,7 @@ where
         Command::InferAgent(args) => agent::infer(args),
         Command::Doctor(args) => agent::doctor(args),
         Command::Serve(args) => serve::run(args),
+        Command::RandomProjector(args) => projector::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),

@@ -12,6 +12,7 @@ use super::decoder_args::DecoderArgs;
 use super::{WorldSizeArgs, split_world};
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, DecoderConfig};
+use crate::engine::Engine;
 use crate::server::{self, ServeOptions};
 use crate::world::{LoadOptions, WorldOverrides};
 
@@ -76,6 +77,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let world = spec.load(&options)?;
+    let projector = args.decoder.projector()?;
 
     let listener = TcpListener::bind(bind).with_context(|| {
         format!("cannot listen on {bind} (address in use or not local?); pass another BIND such as 127.0.0.1:8081")
@@ -104,14 +106,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         parallel: args.parallel as usize,
         queue: args.queue as usize,
         api_key: args.api_key,
-        cond_format: args.decoder.cond_format,
         sampling: config.sampling.clone(),
         max_tokens: args.default_max_tokens as usize,
     };
+    let settings = args.decoder.cond_settings();
     let load = move || {
-        let decoder = decoder::open(&config)?;
-        print_notices(decoder.as_ref(), &config);
-        Ok(decoder)
+        let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?;
+        print_notices(engine.decoder(), &config);
+        Ok(engine)
     };
-    server::serve(world, load, options).context("tofy serve")
+    server::serve(load, options).context("tofy serve")
 }

@@ -135,6 +135,10 @@ pub struct DecoderConfig {
     pub cache_type: CacheType,
     /// Sampling defaults for requests that do not set their own.
     pub sampling: Sampling,
+    /// Never mix token rows and embedding rows in one llama.cpp batch (the
+    /// fallback for architectures that refuse the mix), whatever the
+    /// model. For tests and debugging; results are the same either way.
+    pub split_mixed_batches: bool,
 }
 
 impl Default for DecoderConfig {
@@ -150,6 +154,7 @@ impl Default for DecoderConfig {
             parallel: 1,
             cache_type: CacheType::default(),
             sampling: Sampling::default(),
+            split_mixed_batches: false,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The in-process llama.cpp backend (`llama-cpp-2`), with continuous
-//! batching.
+//! batching of prompts that mix tokens and embedding rows.
 //!
 //! The model and its context live on a thread of their own: a
 //! `LlamaContext` borrows the model and is not `Send`, and a long-lived
@@ -13,8 +13,18 @@
 //! tokens. A job that arrives joins at the next step; a job beyond the
 //! slots waits in the worker's queue. Each slot keeps the tokens its cells
 //! hold, so a prompt that shares a prefix with a slot's previous one (an
-//! agent resending its conversation) only evaluates what is new.
+//! agent resending its conversation) only evaluates what is new. A prompt
+//! position is a token or an embedding row ([`Prompt`] segments, or rows at
+//! [`EMBEDDINGS_MARKER`] in a conversation); a cached row is reused only for
+//! a row with the same bits. Where the architecture allows it, one
+//! `llama_process` call takes tokens and rows together (`ffi::Evaluator`);
+//! otherwise each step runs a token batch, then a row batch.
+//!
+//! Besides generating, a job can score: the teacher-forced log-probability
+//! of each token of a continuation after a prompt, scheduled like any other
+//! job (batched, prefix reuse included).
 
+pub mod ffi;
 mod sample;
 
 use std::collections::VecDeque;
@@ -29,22 +39,25 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use super::stop::StopScanner;
 use super::{
-    BackendKind, CacheType, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest,
-    Generation, Prompt, Role, Sink, prompt,
+    BackendKind, CacheType, Decoder, DecoderConfig, DecoderError, EMBEDDINGS_MARKER, Embeddings,
+    FinishReason, GenerateRequest, Generation, Prompt, Role, Score, ScoreRequest, Segment, Sink,
+    prompt,
 };
+use ffi::{BatchError, Evaluator};
 use sample::Picker;
 
 /// llama.cpp's process-wide state: initialised once, never torn down.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
-fn backend() -> Result<&'static LlamaBackend, DecoderError> {
+/// llama.cpp's backend, initialised on first use (it can be initialised
+/// only once per process: code that loads models itself takes it here).
+pub fn backend() -> Result<&'static LlamaBackend, DecoderError> {
     BACKEND
         .get_or_init(|| {
             let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
@@ -64,9 +77,9 @@ pub fn gpu_offload_supported() -> bool {
     backend().is_ok_and(LlamaBackend::supports_gpu_offload)
 }
 
-/// A generation handed to the worker thread.
+/// A generation or a scoring handed to the worker thread.
 struct Job {
-    request: GenerateRequest,
+    work: Work,
     events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
     /// When the caller asked: time to first token includes the queue.
@@ -81,11 +94,30 @@ impl Job {
     fn finish(&self, result: Result<Generation, DecoderError>) {
         let _ = self.events.send(Event::Done(result));
     }
+
+    /// Ends the job with `err` (a cancelled generation ends as an empty,
+    /// cancelled generation: that is not an error to its caller).
+    fn fail(&self, err: DecoderError) {
+        let event = match (&self.work, err) {
+            (Work::Generate(_), DecoderError::Cancelled) => {
+                Event::Done(Ok(Generation::cancelled()))
+            }
+            (Work::Generate(_), err) => Event::Done(Err(err)),
+            (Work::Score(_), err) => Event::Scored(Err(err)),
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+enum Work {
+    Generate(GenerateRequest),
+    Score(ScoreRequest),
 }
 
 enum Event {
     Piece(String),
     Done(Result<Generation, DecoderError>),
+    Scored(Result<Score, DecoderError>),
 }
 
 /// llama.cpp in-process: one model, one context of `parallel` sequences,
@@ -95,6 +127,8 @@ pub struct LlamaDecoder {
     worker: Option<JoinHandle<()>>,
     model_path: PathBuf,
     context_size: usize,
+    /// The model itself, shared with the worker: tokenizing needs no slot.
+    model: Arc<Loaded>,
     /// Slots generating or reading a prompt, as the worker last saw them.
     active: Arc<AtomicUsize>,
 }
@@ -106,15 +140,17 @@ impl LlamaDecoder {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
         let model_path = path.to_path_buf();
-        let (worker_path, worker_config, worker_active) =
-            (model_path.clone(), config.clone(), Arc::clone(&active));
+        // The model is `Send + Sync`; only the context must stay on the worker.
+        let model = Arc::new(Loaded::open(path, config)?);
+        let (worker_model, worker_config, worker_active) =
+            (Arc::clone(&model), config.clone(), Arc::clone(&active));
         let worker = std::thread::Builder::new()
             .name("tofy-llama".into())
             // llama.cpp's tokenizers may recurse deeply (std::regex) on long text.
             .stack_size(8 << 20)
             .spawn(move || {
                 run_worker(
-                    &worker_path,
+                    &worker_model,
                     &worker_config,
                     &ready_tx,
                     &jobs_rx,
@@ -127,6 +163,7 @@ impl LlamaDecoder {
                 worker: Some(worker),
                 model_path,
                 context_size,
+                model,
                 active,
             }),
             Ok(Err(err)) => {
@@ -169,21 +206,46 @@ impl Decoder for LlamaDecoder {
         Some(self.active.load(Ordering::Relaxed))
     }
 
+    fn input_width(&self) -> Option<usize> {
+        Some(self.model.width)
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<i32>, DecoderError> {
+        Ok(self
+            .model
+            .tokenize(text, add_special)
+            .into_iter()
+            .map(|t| t.0)
+            .collect())
+    }
+
+    fn detokenize(&self, tokens: &[i32]) -> Result<String, DecoderError> {
+        let vocab = self.model.model.vocab();
+        let mut bytes = Vec::new();
+        for &token in tokens {
+            self.model.check_token(token)?;
+            vocab.token_to_piece_into(LlamaToken(token), &mut bytes, true, None);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn score(&self, request: &ScoreRequest) -> Result<Score, DecoderError> {
+        let (events_rx, _) = self.submit(Work::Score(request.clone()), request.cancel.clone())?;
+        for event in events_rx {
+            if let Event::Scored(result) = event {
+                return result;
+            }
+        }
+        Err(DecoderError::WorkerGone)
+    }
+
     fn generate(
         &self,
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
-        let (events_tx, events_rx) = mpsc::channel();
-        let cancel = request.cancel.clone().unwrap_or_default();
-        let job = Job {
-            request: request.clone(),
-            events: events_tx,
-            cancel: Arc::clone(&cancel),
-            start: Instant::now(),
-        };
-        let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
-        jobs.send(job).map_err(|_| DecoderError::WorkerGone)?;
+        let (events_rx, cancel) =
+            self.submit(Work::Generate(request.clone()), request.cancel.clone())?;
         // What the sink accepted: after a cancel the worker may have produced
         // a few more pieces before it saw the flag, and those never count.
         let mut delivered = String::new();
@@ -209,28 +271,43 @@ impl Decoder for LlamaDecoder {
                         generation
                     });
                 }
+                Event::Scored(_) => unreachable!("a scoring's event for a generation"),
             }
         }
         Err(DecoderError::WorkerGone)
     }
 }
 
-/// The worker thread: load, report readiness, then schedule jobs until the
-/// channel closes.
+impl LlamaDecoder {
+    /// Queues `work` on the worker; its events come back on the receiver.
+    fn submit(
+        &self,
+        work: Work,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<(mpsc::Receiver<Event>, Arc<AtomicBool>), DecoderError> {
+        let (events_tx, events_rx) = mpsc::channel();
+        let cancel = cancel.unwrap_or_default();
+        let job = Job {
+            work,
+            events: events_tx,
+            cancel: Arc::clone(&cancel),
+            start: Instant::now(),
+        };
+        let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
+        jobs.send(job).map_err(|_| DecoderError::WorkerGone)?;
+        Ok((events_rx, cancel))
+    }
+}
+
+/// The worker thread: create the context, report readiness, then schedule
+/// jobs until the channel closes.
 fn run_worker(
-    path: &Path,
+    loaded: &Loaded,
     config: &DecoderConfig,
     ready: &mpsc::Sender<Result<usize, DecoderError>>,
     jobs: &mpsc::Receiver<Job>,
     active: &AtomicUsize,
 ) {
-    let loaded = match Loaded::open(path, config) {
-        Ok(loaded) => loaded,
-        Err(err) => {
-            let _ = ready.send(Err(err));
-            return;
-        }
-    };
     let context = match loaded.context(config) {
         Ok(context) => context,
         Err(err) => {
@@ -241,7 +318,7 @@ fn run_worker(
     if ready.send(Ok(loaded.context_size)).is_err() {
         return;
     }
-    Scheduler::new(&loaded, context, config.parallel, active).run(jobs);
+    Scheduler::new(loaded, context, config.parallel, active).run(jobs);
 }
 
 /// A loaded model and what is read from it once.
@@ -253,6 +330,13 @@ struct Loaded {
     /// JEPA_DECODER_CTX, per sequence. llama.cpp rounds its context up (to
     /// 256 tokens), but the user's number is the limit prompts are held to.
     context_size: usize,
+    /// The width of an embedding row (`n_embd_inp`).
+    width: usize,
+    n_vocab: usize,
+    /// Whether one batch may mix tokens and embedding rows (false for the
+    /// architectures in `ffi::NO_MIXED_BATCH_ARCHS`, or when the config
+    /// asks to split them).
+    mixed_batches: bool,
 }
 
 impl Loaded {
@@ -265,8 +349,14 @@ impl Loaded {
             }
         })?;
         let template = model.chat_template(None).ok();
+        let arch = ffi::architecture(&model);
+        let mixed_batches =
+            !ffi::NO_MIXED_BATCH_ARCHS.contains(&arch.as_str()) && !config.split_mixed_batches;
         Ok(Self {
             backend,
+            width: ffi::input_width(&model),
+            n_vocab: usize::try_from(model.n_vocab()).unwrap_or(0),
+            mixed_batches,
             model,
             path: path.to_path_buf(),
             template,
@@ -314,13 +404,11 @@ impl Loaded {
     }
 
     /// The conversation through the GGUF's chat template, or the plain
-    /// layout (and its stop strings) when it has none that llama.cpp knows;
-    /// raw text as is.
-    fn format(&self, prompt: &Prompt) -> Result<(String, Vec<String>), DecoderError> {
-        let messages = match prompt {
-            Prompt::Chat(messages) => messages,
-            Prompt::Text(text) => return Ok((text.clone(), Vec::new())),
-        };
+    /// layout (and its stop strings) when it has none that llama.cpp knows.
+    fn format(
+        &self,
+        messages: &[super::ChatMessage],
+    ) -> Result<(String, Vec<String>), DecoderError> {
         if let Some(template) = &self.template {
             let chat = messages
                 .iter()
@@ -345,48 +433,187 @@ impl Loaded {
         Ok((prompt::plain_layout(messages), prompt::plain_layout_stops()))
     }
 
-    /// The prompt's tokens and stop strings, or why it cannot run.
-    fn prepare(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<LlamaToken>, Vec<String>), DecoderError> {
-        let (text, mut stops) = self.format(&request.prompt)?;
-        stops.extend(request.stop.iter().cloned());
-        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
-        if tokens.is_empty() {
-            return Err(DecoderError::EmptyPrompt);
+    /// `text` as tokens; `add_special` adds BOS where the model wants one.
+    /// Special-token text is always read as the token.
+    fn tokenize(&self, text: &str, add_special: bool) -> Vec<LlamaToken> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true)
+    }
+
+    fn check_token(&self, token: i32) -> Result<LlamaToken, DecoderError> {
+        if usize::try_from(token).is_ok_and(|t| t < self.n_vocab) {
+            Ok(LlamaToken(token))
+        } else {
+            Err(DecoderError::InvalidToken {
+                token,
+                n_vocab: self.n_vocab,
+            })
         }
-        // At least one position must remain for the first generated token.
-        if tokens.len() >= self.context_size {
-            return Err(DecoderError::ContextExceeded {
-                prompt_tokens: tokens.len(),
-                context: self.context_size,
-            });
+    }
+
+    /// The prompt as positions, and its stop strings.
+    fn items(&self, prompt: &Prompt) -> Result<(Vec<Item>, Vec<String>), DecoderError> {
+        let mut items = Vec::new();
+        let rows = |items: &mut Vec<Item>, e: &Embeddings| -> Result<(), DecoderError> {
+            e.check_width(self.width)?;
+            items.extend((0..e.n_rows()).map(|r| Item::Row(e.clone(), r)));
+            Ok(())
+        };
+        let tokens = |items: &mut Vec<Item>, text: &str, first: bool| {
+            items.extend(self.tokenize(text, first).into_iter().map(Item::Token));
+        };
+        match prompt {
+            Prompt::Chat {
+                messages,
+                embeddings,
+            } => {
+                let (text, stops) = self.format(messages)?;
+                if embeddings.is_empty() {
+                    tokens(&mut items, &text, true);
+                } else {
+                    let markers = text.matches(EMBEDDINGS_MARKER).count();
+                    if markers != embeddings.len() {
+                        return Err(DecoderError::Markers {
+                            markers,
+                            sets: embeddings.len(),
+                            marker: EMBEDDINGS_MARKER,
+                        });
+                    }
+                    for (i, part) in text.split(EMBEDDINGS_MARKER).enumerate() {
+                        if i > 0 {
+                            rows(&mut items, &embeddings[i - 1])?;
+                        }
+                        tokens(&mut items, part, i == 0);
+                    }
+                }
+                Ok((items, stops))
+            }
+            Prompt::Raw(segments) => {
+                for (i, segment) in segments.iter().enumerate() {
+                    match segment {
+                        Segment::Text(text) => tokens(&mut items, text, i == 0),
+                        Segment::Tokens(ids) => {
+                            for &id in ids {
+                                items.push(Item::Token(self.check_token(id)?));
+                            }
+                        }
+                        Segment::Embeddings(e) => rows(&mut items, e)?,
+                    }
+                }
+                Ok((items, Vec::new()))
+            }
         }
-        Ok((tokens, stops))
+    }
+
+    /// A job's positions and stop strings, or why it cannot run.
+    fn prepare(&self, work: &Work) -> Result<Prepared, DecoderError> {
+        match work {
+            Work::Generate(request) => {
+                let (items, mut stops) = self.items(&request.prompt)?;
+                stops.extend(request.stop.iter().cloned());
+                if items.is_empty() {
+                    return Err(DecoderError::EmptyPrompt);
+                }
+                // At least one position must remain for the first generated token.
+                if items.len() >= self.context_size {
+                    return Err(DecoderError::ContextExceeded {
+                        prompt_tokens: items.len(),
+                        context: self.context_size,
+                    });
+                }
+                Ok(Prepared {
+                    first_logits: items.len() - 1,
+                    items,
+                    stops,
+                    continuation: None,
+                })
+            }
+            Work::Score(request) => {
+                let (mut items, _) = self.items(&request.prompt)?;
+                if items.is_empty() {
+                    return Err(DecoderError::EmptyPrompt);
+                }
+                let from = items.len();
+                items.extend(
+                    self.tokenize(&request.continuation, false)
+                        .into_iter()
+                        .map(Item::Token),
+                );
+                if items.len() == from {
+                    return Err(DecoderError::EmptyContinuation);
+                }
+                if items.len() > self.context_size {
+                    return Err(DecoderError::ContextExceeded {
+                        prompt_tokens: items.len(),
+                        context: self.context_size,
+                    });
+                }
+                Ok(Prepared {
+                    first_logits: from - 1,
+                    items,
+                    stops: Vec::new(),
+                    continuation: Some(from),
+                })
+            }
+        }
+    }
+}
+
+/// One position of a prompt: a token, or row `index` of a set of embedding
+/// rows.
+#[derive(Clone)]
+enum Item {
+    Token(LlamaToken),
+    Row(Embeddings, usize),
+}
+
+impl Item {
+    /// Whether the cell this item wrote can stand for `other`: the same
+    /// token, or a row with the very same bits.
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Token(a), Self::Token(b)) => a == b,
+            (Self::Row(a, i), Self::Row(b, j)) => a.same_row(*i, b, *j),
+            _ => false,
+        }
+    }
+
+    fn is_row(&self) -> bool {
+        matches!(self, Self::Row(..))
     }
 }
 
 /// One sequence of the context.
 struct Slot {
     seq: i32,
-    /// Tokens whose keys and values this sequence holds, from position 0.
-    cached: Vec<LlamaToken>,
+    /// What this sequence's cells hold, from position 0.
+    cached: Vec<Item>,
     /// When it last took a job: the least recently used slot is reused first.
     used: u64,
     run: Option<Run>,
 }
 
-/// A job in a slot: where it is in its prompt and its reply.
+/// A job in a slot: where it is in its prompt, and what it makes of it.
 struct Run {
     job: Job,
     start: Instant,
-    prompt: Vec<LlamaToken>,
-    /// Prompt tokens kept from the slot's previous contents.
+    prompt: Vec<Item>,
+    /// Prompt items kept from the slot's previous contents.
     reused: usize,
-    /// Prompt tokens sent to the context so far (from `reused`).
+    /// Prompt items sent to the context so far (from `reused`).
     fed: usize,
     prompt_time: Option<Duration>,
+    task: Task,
+}
+
+enum Task {
+    Generate(Box<Generating>),
+    Score(Scoring),
+}
+
+/// A generation's state past its prompt.
+struct Generating {
     picker: Picker,
     /// max_new_tokens, bounded by the room left in the sequence.
     budget: usize,
@@ -401,51 +628,137 @@ struct Run {
     logits_at: Option<i32>,
 }
 
+/// A scoring's state: the continuation starts at prompt item `from`.
+struct Scoring {
+    from: usize,
+    logprobs: Vec<f64>,
+    /// (batch index, prompt index of the token its logits predict) for the
+    /// batch just evaluated.
+    pending: Vec<(i32, usize)>,
+}
+
 impl Run {
+    /// Whether prompt item `i` needs its logits: the last prompt item of a
+    /// generation, every item before a continuation token of a scoring.
+    fn wants_logits(&self, i: usize) -> bool {
+        match &self.task {
+            Task::Generate(_) => i + 1 == self.prompt.len(),
+            Task::Score(s) => i + 1 >= s.from && i + 1 < self.prompt.len(),
+        }
+    }
+
+    /// Notes that prompt item `i` went into the batch at `idx`.
+    fn fed_at(&mut self, i: usize, idx: i32) {
+        if !self.wants_logits(i) {
+            return;
+        }
+        match &mut self.task {
+            Task::Generate(g) => g.logits_at = Some(idx),
+            Task::Score(s) => s.pending.push((idx, i + 1)),
+        }
+    }
+
+    fn prompt_done(&self) -> bool {
+        self.fed == self.prompt.len()
+    }
+
+    fn prompt_tokens(&self) -> usize {
+        match &self.task {
+            Task::Generate(_) => self.prompt.len(),
+            Task::Score(s) => s.from,
+        }
+    }
+
+    /// Reports the result (a generation flushes what its UTF-8 decoder and
+    /// stop scanner still hold, unless cancelled).
+    fn finish(self, finish_reason: FinishReason) {
+        let total_time = self.start.elapsed();
+        let prompt_tokens = self.prompt_tokens();
+        match self.task {
+            Task::Generate(mut g) => {
+                if finish_reason != FinishReason::Cancelled {
+                    let mut rest = String::with_capacity(16);
+                    let _ = g.utf8.decode_to_string(&[], &mut rest, true);
+                    rest.push_str(&g.scanner.finish());
+                    g.emit(&self.job, self.start, &rest);
+                }
+                self.job.finish(Ok(Generation {
+                    text: std::mem::take(&mut g.text),
+                    finish_reason,
+                    prompt_tokens,
+                    cached_tokens: self.reused,
+                    completion_tokens: g.generated,
+                    time_to_first_token: g.first.unwrap_or(total_time),
+                    prompt_time: self.prompt_time,
+                    total_time,
+                }));
+            }
+            Task::Score(s) if finish_reason == FinishReason::Cancelled => {
+                let _ = self
+                    .job
+                    .events
+                    .send(Event::Scored(Err(DecoderError::Cancelled)));
+                drop(s);
+            }
+            Task::Score(s) => {
+                let tokens = self.prompt[s.from..]
+                    .iter()
+                    .map(|item| match item {
+                        Item::Token(t) => t.0,
+                        Item::Row(..) => unreachable!("continuations are tokens"),
+                    })
+                    .collect();
+                let _ = self.job.events.send(Event::Scored(Ok(Score {
+                    tokens,
+                    logprobs: s.logprobs,
+                    prompt_tokens,
+                    cached_tokens: self.reused,
+                })));
+            }
+        }
+    }
+}
+
+impl Generating {
     /// Sends a piece; false when the caller has gone.
-    fn emit(&mut self, piece: &str) -> bool {
+    fn emit(&mut self, job: &Job, start: Instant, piece: &str) -> bool {
         if piece.is_empty() {
             return true;
         }
-        self.first.get_or_insert_with(|| self.start.elapsed());
+        self.first.get_or_insert_with(|| start.elapsed());
         self.text.push_str(piece);
-        self.job
-            .events
-            .send(Event::Piece(piece.to_string()))
-            .is_ok()
+        job.events.send(Event::Piece(piece.to_string())).is_ok()
     }
+}
 
-    /// Flushes what the UTF-8 decoder and stop scanner still hold (unless
-    /// cancelled) and reports the result.
-    fn finish(mut self, finish_reason: FinishReason) {
-        if finish_reason != FinishReason::Cancelled {
-            let mut rest = String::with_capacity(16);
-            let _ = self.utf8.decode_to_string(&[], &mut rest, true);
-            rest.push_str(&self.scanner.finish());
-            self.emit(&rest);
+/// Which rows one `llama_process` call takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Tokens and embedding rows together.
+    Mixed,
+    Tokens,
+    Rows,
+}
+
+impl Pass {
+    fn takes(self, item: &Item) -> bool {
+        match self {
+            Self::Mixed => true,
+            Self::Tokens => !item.is_row(),
+            Self::Rows => item.is_row(),
         }
-        let total_time = self.start.elapsed();
-        self.job.finish(Ok(Generation {
-            text: std::mem::take(&mut self.text),
-            finish_reason,
-            prompt_tokens: self.prompt.len(),
-            cached_tokens: self.reused,
-            completion_tokens: self.generated,
-            time_to_first_token: self.first.unwrap_or(total_time),
-            prompt_time: self.prompt_time,
-            total_time,
-        }));
     }
 }
 
 /// The continuous-batching loop over the slots of one context.
 struct Scheduler<'m> {
     loaded: &'m Loaded,
-    context: LlamaContext<'m>,
+    eval: Evaluator<'m>,
     slots: Vec<Slot>,
     queue: VecDeque<Job>,
-    batch: LlamaBatch<'static>,
-    n_batch: usize,
+    /// One pass per step, or tokens then rows where the architecture cannot
+    /// mix them.
+    passes: &'static [Pass],
     clock: u64,
     /// Runs in slots, published for metrics. Lowered before a run reports
     /// its end, so a caller that has its result never sees it counted.
@@ -459,7 +772,6 @@ impl<'m> Scheduler<'m> {
         parallel: usize,
         active: &'m AtomicUsize,
     ) -> Self {
-        let n_batch = context.n_batch() as usize;
         let slots = (0..parallel.max(1))
             .map(|seq| Slot {
                 seq: seq as i32,
@@ -468,13 +780,17 @@ impl<'m> Scheduler<'m> {
                 run: None,
             })
             .collect();
+        let passes: &'static [Pass] = if loaded.mixed_batches {
+            &[Pass::Mixed]
+        } else {
+            &[Pass::Tokens, Pass::Rows]
+        };
         Self {
             loaded,
-            context,
+            eval: Evaluator::new(context),
             slots,
             queue: VecDeque::new(),
-            batch: LlamaBatch::new(n_batch, 1),
-            n_batch,
+            passes,
             clock: 0,
             active,
         }
@@ -493,7 +809,9 @@ impl<'m> Scheduler<'m> {
             self.queue.extend(jobs.try_iter());
             self.drop_cancelled();
             self.admit();
-            self.step();
+            for &pass in self.passes {
+                self.step(pass);
+            }
         }
     }
 
@@ -503,7 +821,7 @@ impl<'m> Scheduler<'m> {
         self.queue.retain(|job| {
             let cancelled = job.cancelled();
             if cancelled {
-                job.finish(Ok(Generation::cancelled()));
+                job.fail(DecoderError::Cancelled);
             }
             !cancelled
         });
@@ -524,10 +842,10 @@ impl<'m> Scheduler<'m> {
             let Some(job) = self.queue.pop_front() else {
                 return;
             };
-            let (prompt, stops) = match self.loaded.prepare(&job.request) {
+            let prepared = match self.loaded.prepare(&job.work) {
                 Ok(prepared) => prepared,
                 Err(err) => {
-                    job.finish(Err(err));
+                    job.fail(err);
                     continue;
                 }
             };
@@ -535,27 +853,38 @@ impl<'m> Scheduler<'m> {
                 .slots
                 .iter_mut()
                 .filter(|s| s.run.is_none())
-                .max_by_key(|s| (common_prefix(&s.cached, &prompt), std::cmp::Reverse(s.used)))
+                .max_by_key(|s| {
+                    (
+                        common_prefix(&s.cached, &prepared.items),
+                        std::cmp::Reverse(s.used),
+                    )
+                })
                 .expect("a free slot exists");
             self.clock += 1;
             slot.used = self.clock;
-            let reused = reuse_prefix(&mut self.context, slot, &prompt);
-            slot.run = Some(self.loaded.start_run(job, prompt, stops, reused));
+            let reused = reuse_prefix(
+                self.eval.context_mut(),
+                slot,
+                &prepared.items,
+                prepared.first_logits,
+            );
+            slot.run = Some(self.loaded.start_run(job, prepared, reused));
             self.active.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Evaluates one batch and samples every slot whose logits it produced.
-    fn step(&mut self) {
-        self.batch.clear();
-        if let Err(err) = self.fill_batch() {
+    /// Evaluates one batch of `pass`'s rows and uses every logit row it
+    /// produced.
+    fn step(&mut self, pass: Pass) {
+        self.eval.clear();
+        if let Err(err) = self.fill_batch(pass) {
             self.fail_batch(&err.to_string());
             return;
         }
-        if self.batch.n_tokens() == 0 {
+        if self.eval.is_empty() {
             return;
         }
-        if let Err(err) = self.context.decode(&mut self.batch) {
+        if let Err(err) = self.eval.process() {
             self.fail_batch(&err.to_string());
             return;
         }
@@ -565,43 +894,60 @@ impl<'m> Scheduler<'m> {
             let Some(run) = slot.run.as_mut() else {
                 continue;
             };
-            let Some(at) = run.logits_at.take() else {
-                continue;
-            };
-            run.prompt_time.get_or_insert_with(|| run.start.elapsed());
-            let finish = 'sample: {
-                if run.generated == run.budget {
-                    break 'sample Some(FinishReason::Length);
+            let finish = match &mut run.task {
+                Task::Score(s) => {
+                    for (at, target) in s.pending.drain(..) {
+                        let Item::Token(token) = run.prompt[target] else {
+                            unreachable!("continuations are tokens")
+                        };
+                        s.logprobs.push(log_softmax_at(self.eval.logits(at), token));
+                    }
+                    run.prompt_done().then_some(FinishReason::Stop)
                 }
-                let token = run.picker.pick(self.context.get_logits_ith(at));
-                if vocab.is_eog(token) && !run.job.request.ignore_eos {
-                    break 'sample Some(FinishReason::Stop);
+                Task::Generate(g) => {
+                    let Some(at) = g.logits_at.take() else {
+                        continue;
+                    };
+                    run.prompt_time.get_or_insert_with(|| run.start.elapsed());
+                    'sample: {
+                        if g.generated == g.budget {
+                            break 'sample Some(FinishReason::Length);
+                        }
+                        let token = g.picker.pick(self.eval.logits(at));
+                        let request = match &run.job.work {
+                            Work::Generate(request) => request,
+                            Work::Score(_) => unreachable!("a generation's job"),
+                        };
+                        if vocab.is_eog(token) && !request.ignore_eos {
+                            break 'sample Some(FinishReason::Stop);
+                        }
+                        g.generated += 1;
+                        bytes.clear();
+                        vocab.token_to_piece_into(token, &mut bytes, false, None);
+                        let mut piece = String::with_capacity(
+                            g.utf8
+                                .max_utf8_buffer_length(bytes.len())
+                                .unwrap_or(4 * bytes.len() + 16),
+                        );
+                        // A token may end inside a UTF-8 sequence: the decoder
+                        // keeps the partial bytes for the next token instead
+                        // of emitting U+FFFD.
+                        let _ = g.utf8.decode_to_string(&bytes, &mut piece, false);
+                        let released = g.scanner.push(&piece);
+                        if !g.emit(&run.job, run.start, &released.text) {
+                            break 'sample Some(FinishReason::Cancelled);
+                        }
+                        if released.stopped {
+                            break 'sample Some(FinishReason::Stop);
+                        }
+                        // The last token allowed: no need to evaluate it.
+                        if g.generated == g.budget {
+                            break 'sample Some(FinishReason::Length);
+                        }
+                        g.next = Some(token);
+                        None
+                    }
                 }
-                run.generated += 1;
-                bytes.clear();
-                vocab.token_to_piece_into(token, &mut bytes, false, None);
-                let mut piece = String::with_capacity(
-                    run.utf8
-                        .max_utf8_buffer_length(bytes.len())
-                        .unwrap_or(4 * bytes.len() + 16),
-                );
-                // A token may end inside a UTF-8 sequence: the decoder keeps
-                // the partial bytes for the next token instead of emitting
-                // U+FFFD.
-                let _ = run.utf8.decode_to_string(&bytes, &mut piece, false);
-                let released = run.scanner.push(&piece);
-                if !run.emit(&released.text) {
-                    break 'sample Some(FinishReason::Cancelled);
-                }
-                if released.stopped {
-                    break 'sample Some(FinishReason::Stop);
-                }
-                // The last token allowed: no need to evaluate it.
-                if run.generated == run.budget {
-                    break 'sample Some(FinishReason::Length);
-                }
-                run.next = Some(token);
-                None
             };
             if let Some(reason) = finish
                 && let Some(run) = slot.run.take()
@@ -612,45 +958,47 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// The batch for this step: one token for each generating slot first
-    /// (they are waiting on it), then prompt chunks while room is left.
-    fn fill_batch(&mut self) -> Result<(), llama_cpp_2::llama_batch::BatchAddError> {
-        let mut room = self.n_batch;
-        for slot in &mut self.slots {
-            let Some(run) = slot.run.as_mut() else {
-                continue;
-            };
-            if let Some(token) = run.next.take() {
-                self.batch
-                    .add(token, slot.cached.len() as i32, &[slot.seq], true)?;
-                slot.cached.push(token);
-                run.logits_at = Some(self.batch.n_tokens() - 1);
-                room -= 1;
+    /// The batch for this pass: one token for each generating slot first
+    /// (they are waiting on it), then prompt chunks while room is left, each
+    /// up to the first item the pass does not take.
+    fn fill_batch(&mut self, pass: Pass) -> Result<(), BatchError> {
+        if pass != Pass::Rows {
+            for slot in &mut self.slots {
+                let Some(Run {
+                    task: Task::Generate(g),
+                    ..
+                }) = slot.run.as_mut()
+                else {
+                    continue;
+                };
+                if let Some(token) = g.next.take() {
+                    let at =
+                        self.eval
+                            .add_token(token, slot.cached.len() as i32, slot.seq, true)?;
+                    slot.cached.push(Item::Token(token));
+                    g.logits_at = Some(at);
+                }
             }
         }
         for slot in &mut self.slots {
             let Some(run) = slot.run.as_mut() else {
                 continue;
             };
-            if room == 0 {
+            while !run.prompt_done() && self.eval.room() > 0 && pass.takes(&run.prompt[run.fed]) {
+                let i = run.fed;
+                let logits = run.wants_logits(i);
+                let pos = slot.cached.len() as i32;
+                let at = match &run.prompt[i] {
+                    Item::Token(token) => self.eval.add_token(*token, pos, slot.seq, logits)?,
+                    Item::Row(rows, r) => self.eval.add_row(rows.row(*r), pos, slot.seq, logits)?,
+                };
+                slot.cached.push(run.prompt[i].clone());
+                run.fed += 1;
+                run.fed_at(i, at);
+            }
+            if self.eval.room() == 0 {
                 break;
             }
-            let remaining = run.prompt.len() - run.fed;
-            if remaining == 0 {
-                continue;
-            }
-            let take = remaining.min(room);
-            for &token in &run.prompt[run.fed..run.fed + take] {
-                run.fed += 1;
-                let last = run.fed == run.prompt.len();
-                self.batch
-                    .add(token, slot.cached.len() as i32, &[slot.seq], last)?;
-                slot.cached.push(token);
-            }
-            if run.fed == run.prompt.len() {
-                run.logits_at = Some(self.batch.n_tokens() - 1);
-            }
-            room -= take;
         }
         Ok(())
     }
@@ -661,62 +1009,103 @@ impl<'m> Scheduler<'m> {
         for slot in &mut self.slots {
             if let Some(run) = slot.run.take() {
                 self.active.fetch_sub(1, Ordering::Relaxed);
-                run.job
-                    .finish(Err(DecoderError::Decode(message.to_string())));
-                let _ = self
-                    .context
-                    .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+                run.job.fail(DecoderError::Decode(message.to_string()));
+                let _ =
+                    self.eval
+                        .context_mut()
+                        .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
                 slot.cached.clear();
             }
         }
     }
 }
 
+/// log softmax(logits)[token], in f64.
+fn log_softmax_at(logits: &[f32], token: LlamaToken) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[token.0 as usize] as f64 - max - sum.ln()
+}
+
+/// A job's prompt, ready for a slot.
+struct Prepared {
+    items: Vec<Item>,
+    stops: Vec<String>,
+    /// The first prompt item whose logits are needed: it is evaluated even
+    /// when the slot holds it (a cell keeps no logits).
+    first_logits: usize,
+    /// Where a scoring's continuation starts.
+    continuation: Option<usize>,
+}
+
 impl Loaded {
     /// A job's run state, its prompt past the reused prefix still to feed.
-    fn start_run(
-        &self,
-        job: Job,
-        prompt: Vec<LlamaToken>,
-        stops: Vec<String>,
-        reused: usize,
-    ) -> Run {
-        let request = &job.request;
-        let mut picker = Picker::new(&request.sampling, random_seed);
-        picker.accept_all(&prompt);
-        let budget = request.max_new_tokens.min(self.context_size - prompt.len());
+    fn start_run(&self, job: Job, prepared: Prepared, reused: usize) -> Run {
+        let Prepared {
+            items,
+            stops,
+            continuation,
+            ..
+        } = prepared;
+        let task = match (&job.work, continuation) {
+            (Work::Score(_), Some(from)) => Task::Score(Scoring {
+                from,
+                logprobs: Vec::with_capacity(items.len() - from),
+                pending: Vec::new(),
+            }),
+            (Work::Generate(request), _) => {
+                let mut picker = Picker::new(&request.sampling, random_seed);
+                let tokens: Vec<LlamaToken> = items
+                    .iter()
+                    .filter_map(|item| match item {
+                        Item::Token(t) => Some(*t),
+                        Item::Row(..) => None,
+                    })
+                    .collect();
+                picker.accept_all(&tokens);
+                Task::Generate(Box::new(Generating {
+                    picker,
+                    budget: request.max_new_tokens.min(self.context_size - items.len()),
+                    generated: 0,
+                    // No BOM sniffing: the bytes are UTF-8 by definition.
+                    utf8: encoding_rs::UTF_8.new_decoder_without_bom_handling(),
+                    scanner: StopScanner::new(&stops),
+                    text: String::new(),
+                    first: None,
+                    next: None,
+                    logits_at: None,
+                }))
+            }
+            (Work::Score(_), None) => unreachable!("a scoring has a continuation"),
+        };
         Run {
             start: job.start,
             reused,
             fed: reused,
             prompt_time: None,
-            picker,
-            budget,
-            generated: 0,
-            // No BOM sniffing: the bytes are UTF-8 by definition.
-            utf8: encoding_rs::UTF_8.new_decoder_without_bom_handling(),
-            scanner: StopScanner::new(&stops),
-            text: String::new(),
-            first: None,
-            next: None,
-            logits_at: None,
-            prompt,
+            prompt: items,
+            task,
             job,
         }
     }
 }
 
-fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+fn common_prefix(a: &[Item], b: &[Item]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x.same(y)).count()
 }
 
-/// How many leading prompt tokens can stay in the slot's sequence: the
-/// common prefix with what it holds, less one so the last prompt token is
-/// evaluated (its logits pick the first new token). The rest of the
-/// sequence is removed; when llama.cpp cannot remove a part (recurrent
-/// models), all of it is.
-fn reuse_prefix(context: &mut LlamaContext<'_>, slot: &mut Slot, tokens: &[LlamaToken]) -> usize {
-    let common = common_prefix(&slot.cached, tokens).min(tokens.len() - 1);
+/// How many leading prompt items can stay in the slot's sequence: the
+/// common prefix with what it holds, up to `first_logits` (the first item
+/// whose logits are needed must be evaluated). The rest of the sequence is
+/// removed; when llama.cpp cannot remove a part (recurrent models), all of
+/// it is.
+fn reuse_prefix(
+    context: &mut LlamaContext<'_>,
+    slot: &mut Slot,
+    items: &[Item],
+    first_logits: usize,
+) -> usize {
+    let common = common_prefix(&slot.cached, items).min(first_logits);
     let seq = Some(slot.seq as u32);
     let position = u32::try_from(common).unwrap_or(u32::MAX);
     let kept = if common > 0 && context.clear_kv_cache_seq(seq, Some(position), None) == Ok(true) {

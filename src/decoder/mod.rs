@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod discovery;
+pub mod embeddings;
 pub mod llama;
 pub mod prompt;
 pub mod stop;
@@ -25,6 +26,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub use config::{BackendKind, CacheType, DecoderConfig, Sampling};
+pub use embeddings::{Embeddings, EmbeddingsError};
 
 /// Who said a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,25 +63,105 @@ impl ChatMessage {
     }
 }
 
-/// What the model continues.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Prompt {
-    /// A conversation, formatted with the model's chat template.
-    Chat(Vec<ChatMessage>),
-    /// Raw text, continued as is (`/v1/completions`, benchmarks).
+/// Where embedding rows go in a chat conversation: each occurrence in the
+/// templated text is replaced by the next set of [`Prompt::Chat`]'s
+/// embeddings. Placed after the template is applied, so the rows sit exactly
+/// there whatever the template's syntax. Plain text to every tokenizer; a
+/// conversation whose text holds more (or fewer) markers than it has sets of
+/// rows is refused, so a user cannot move the rows by typing the marker.
+pub const EMBEDDINGS_MARKER: &str = "<tofy:embeddings>";
+
+/// One piece of a raw prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segment {
+    /// Text, tokenized by the decoder; special-token text such as
+    /// `<|im_end|>` becomes that token. The model's BOS token is added only
+    /// when the prompt starts with text.
     Text(String),
+    /// Token ids, as they are.
+    Tokens(Vec<i32>),
+    /// Embedding rows in the place of tokens.
+    Embeddings(Embeddings),
+}
+
+/// What the model continues.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A conversation, formatted with the model's chat template; each
+    /// [`EMBEDDINGS_MARKER`] in the formatted text becomes the next of
+    /// `embeddings`.
+    Chat {
+        messages: Vec<ChatMessage>,
+        embeddings: Vec<Embeddings>,
+    },
+    /// Segments continued as they are, with no template (`/v1/completions`,
+    /// benchmarks, embedding-prefix experiments).
+    Raw(Vec<Segment>),
 }
 
 impl Prompt {
+    /// A conversation with no embedding rows.
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::Chat {
+            messages,
+            embeddings: Vec::new(),
+        }
+    }
+
+    /// Raw text, continued as is.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::Raw(vec![Segment::Text(text.into())])
+    }
+
     /// The text of the last user message (or the raw text).
-    pub fn last_user_text(&self) -> &str {
+    pub fn last_user_text(&self) -> String {
         match self {
-            Self::Chat(messages) => messages
+            Self::Chat { messages, .. } => messages
                 .iter()
                 .rev()
                 .find(|m| m.role == Role::User)
-                .map_or("", |m| m.content.as_str()),
-            Self::Text(text) => text,
+                .map_or_else(String::new, |m| m.content.clone()),
+            Self::Raw(segments) => segments
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Text(text) => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Embedding rows in the prompt.
+    pub fn embedding_rows(&self) -> usize {
+        match self {
+            Self::Chat { embeddings, .. } => embeddings.iter().map(Embeddings::n_rows).sum(),
+            Self::Raw(segments) => segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Embeddings(e) => e.n_rows(),
+                    _ => 0,
+                })
+                .sum(),
+        }
+    }
+
+    /// The prompt as text, for backends that only take text: the plain
+    /// chat layout or the raw text. `None` when it holds embedding rows or
+    /// token ids.
+    pub fn plain_text(&self) -> Option<String> {
+        match self {
+            Self::Chat {
+                messages,
+                embeddings,
+            } if embeddings.is_empty() => Some(prompt::plain_layout(messages)),
+            Self::Chat { .. } => None,
+            Self::Raw(segments) => segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Text(text) => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 }
@@ -107,7 +189,7 @@ impl GenerateRequest {
     /// A chat request with no stop strings.
     pub fn chat(messages: Vec<ChatMessage>, max_new_tokens: usize, sampling: Sampling) -> Self {
         Self {
-            prompt: Prompt::Chat(messages),
+            prompt: Prompt::chat(messages),
             max_new_tokens,
             sampling,
             stop: Vec::new(),
@@ -163,6 +245,35 @@ impl Generation {
     }
 }
 
+/// A teacher-forced scoring: how likely `continuation` is after `prompt`.
+#[derive(Debug, Clone)]
+pub struct ScoreRequest {
+    pub prompt: Prompt,
+    /// Text tokenized without BOS, special-token text read as such (so
+    /// `"reply<|im_end|>"` scores the end-of-turn token too).
+    pub continuation: String,
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// The log-probability of each continuation token given everything before
+/// it, in f64 from the model's logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    pub tokens: Vec<i32>,
+    pub logprobs: Vec<f64>,
+    /// Tokens and embedding rows of the prompt alone.
+    pub prompt_tokens: usize,
+    /// Prompt positions reused from the sequence's cache.
+    pub cached_tokens: usize,
+}
+
+impl Score {
+    /// Mean negative log-likelihood per continuation token (NaN when empty).
+    pub fn mean_nll(&self) -> f64 {
+        -self.logprobs.iter().sum::<f64>() / self.logprobs.len() as f64
+    }
+}
+
 /// The piece sink: gets each new piece of text, answers whether to go on.
 pub type Sink<'a> = dyn FnMut(&str) -> ControlFlow<()> + 'a;
 
@@ -188,6 +299,31 @@ pub trait Decoder: Send + Sync {
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError>;
+    /// The width of an embedding row (llama.cpp's `n_embd_inp`), where
+    /// the backend takes embedding rows.
+    fn input_width(&self) -> Option<usize> {
+        None
+    }
+    /// The model's tokens for `text`; `add_special` adds BOS where the
+    /// model wants one and reads special-token text as such.
+    fn tokenize(&self, _text: &str, _add_special: bool) -> Result<Vec<i32>, DecoderError> {
+        Err(self.unsupported("tokenize"))
+    }
+    /// The text of `tokens` (special tokens written out).
+    fn detokenize(&self, _tokens: &[i32]) -> Result<String, DecoderError> {
+        Err(self.unsupported("detokenize"))
+    }
+    /// Teacher-forced log-probabilities of a continuation.
+    fn score(&self, _request: &ScoreRequest) -> Result<Score, DecoderError> {
+        Err(self.unsupported("score a continuation"))
+    }
+    /// The error for what this backend cannot do.
+    fn unsupported(&self, what: &'static str) -> DecoderError {
+        DecoderError::Unsupported {
+            backend: self.backend().name(),
+            what,
+        }
+    }
 }
 
 /// Everything that can go wrong in a decoder, each with what to do about it.
@@ -218,6 +354,10 @@ pub enum DecoderError {
     },
     #[error("the prompt is empty after tokenization; send some text")]
     EmptyPrompt,
+    #[error("the continuation to score is empty after tokenization; send some text")]
+    EmptyContinuation,
+    #[error("the request was cancelled")]
+    Cancelled,
     #[error("the chat template of {path} failed: {message}")]
     Template { path: PathBuf, message: String },
     #[error("llama.cpp failed to evaluate the batch: {0}")]
@@ -248,6 +388,25 @@ pub enum DecoderError {
     WorkerGone,
     #[error("llama.cpp backend initialisation failed: {0}")]
     Backend(String),
+    #[error(
+        "the {backend} backend cannot {what}; use the llama backend (JEPA_DECODER_BACKEND=llama) with a GGUF model"
+    )]
+    Unsupported {
+        backend: &'static str,
+        what: &'static str,
+    },
+    #[error(transparent)]
+    Embeddings(#[from] EmbeddingsError),
+    #[error(
+        "the conversation holds {markers} embedding markers ({marker}) but {sets} sets of embedding rows; remove the marker text from the messages"
+    )]
+    Markers {
+        markers: usize,
+        sets: usize,
+        marker: &'static str,
+    },
+    #[error("token id {token} is not in this model's vocabulary (0..{n_vocab})")]
+    InvalidToken { token: i32, n_vocab: usize },
 }
 
 /// Opens the backend `config` selects: the llama.cpp or subprocess backend

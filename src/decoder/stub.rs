@@ -79,13 +79,7 @@ impl Decoder for StubDecoder {
         Ok(Generation {
             text,
             finish_reason: finish,
-            prompt_tokens: match &request.prompt {
-                Prompt::Chat(messages) => messages
-                    .iter()
-                    .map(|m| m.content.split_whitespace().count())
-                    .sum(),
-                Prompt::Text(text) => text.split_whitespace().count(),
-            },
+            prompt_tokens: prompt_words(&request.prompt),
             completion_tokens: count,
             time_to_first_token: first.unwrap_or_else(|| start.elapsed()),
             cached_tokens: 0,
@@ -93,4 +87,18 @@ impl Decoder for StubDecoder {
             total_time: start.elapsed(),
         })
     }
+}
+
+/// The stub's "tokens": words of the text, plus one per embedding row.
+fn prompt_words(prompt: &Prompt) -> usize {
+    let words = match prompt {
+        Prompt::Chat { messages, .. } => messages
+            .iter()
+            .map(|m| m.content.split_whitespace().count())
+            .sum(),
+        Prompt::Raw(_) => prompt
+            .plain_text()
+            .map_or(0, |text| text.split_whitespace().count()),
+    };
+    words + prompt.embedding_rows()
 }

@@ -106,10 +106,11 @@ impl Decoder for SubprocessDecoder {
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
         let start = Instant::now();
-        let text = match &request.prompt {
-            Prompt::Chat(messages) => prompt::plain_layout(messages),
-            Prompt::Text(text) => text.clone(),
-        };
+        // llama-completion reads text only.
+        let text = request
+            .prompt
+            .plain_text()
+            .ok_or_else(|| self.unsupported("take embedding rows or token ids"))?;
         let mut command = self.command(&text, request);
         command
             .stdin(Stdio::null())
@@ -135,8 +136,8 @@ impl Decoder for SubprocessDecoder {
         });
 
         let mut stops = match request.prompt {
-            Prompt::Chat(_) => prompt::plain_layout_stops(),
-            Prompt::Text(_) => Vec::new(),
+            Prompt::Chat { .. } => prompt::plain_layout_stops(),
+            Prompt::Raw(_) => Vec::new(),
         };
         stops.extend(request.stop.iter().cloned());
         // Two scanners: llama.cpp's own end marker (the child then exits by

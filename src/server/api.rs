@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::conditioning::CondFormat;
+use crate::conditioning::{CondFormat, CondMode};
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
@@ -20,7 +20,11 @@ pub struct ChatRequest {
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    pub prompt: PromptField,
+    /// Optional when `prompt_embeds` is given: the text continues after
+    /// the rows.
+    pub prompt: Option<PromptField>,
+    /// Embedding rows before the prompt (`server::embeds` encodings).
+    pub prompt_embeds: Option<Value>,
     #[serde(flatten)]
     pub options: GenerationOptions,
 }
@@ -58,8 +62,25 @@ pub struct TofyOptions {
     #[serde(default)]
     pub ablate_conditioning: bool,
     pub cond_format: Option<CondFormatName>,
+    pub cond_mode: Option<CondModeName>,
+    /// Rows that replace the world model's (prefix mode).
+    pub prefix_embeddings: Option<Value>,
+    /// A world vector (bridge_dim floats) that skips the world model and
+    /// goes through the projector (prefix mode).
+    pub conditioning: Option<Vec<f32>>,
     #[serde(default)]
     pub return_conditioning: bool,
+}
+
+/// A conditioning mode by name, with the error naming the choices.
+#[derive(Debug, Clone, Copy)]
+pub struct CondModeName(pub CondMode);
+
+impl<'de> Deserialize<'de> for CondModeName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map(Self).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A conditioning format by name, with the error naming the choices.
@@ -177,8 +198,12 @@ pub struct FunctionCall {
 /// The `"tofy"` object in replies when `return_conditioning` is set.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConditioningReport {
+    pub cond_mode: &'static str,
     pub cond_format: &'static str,
+    /// The numbers of text mode (empty in other modes).
     pub text: String,
+    /// Embedding rows in the prompt (prefix mode's K).
+    pub k: usize,
     pub vector: Vec<f32>,
     pub ablated: bool,
     pub world_tokens: usize,

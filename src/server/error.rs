@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, ResponseError};
 use super::api::{ErrorBody, ErrorDetail};
 use crate::decoder::DecoderError;
 use crate::engine::EngineError;
+use crate::projector::ProjectorError;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -58,7 +59,7 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "no route {path}: use /v1/chat/completions, /v1/completions, /v1/models, /health or /metrics"
+                "no route {path}: use /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health or /metrics"
             ),
         )
     }
@@ -119,6 +120,19 @@ impl From<EngineError> for ApiError {
         match err {
             EngineError::Decoder(err) => err.into(),
             EngineError::World(err) => Self::internal(format!("world model: {err}")),
+            EngineError::WorldThread(err) => Self::internal(format!("world model: {err}")),
+            // What a request asked for that this server cannot give it
+            // (prefix mode without a projector or embedding input).
+            EngineError::NoProjector { .. } | EngineError::NoEmbeddingInput { .. } => {
+                Self::invalid_param("tofy.cond_mode", err.to_string())
+            }
+            EngineError::Projector(ProjectorError::VectorLength { .. }) => {
+                Self::invalid_param("tofy.conditioning", err.to_string())
+            }
+            EngineError::Projector(other) => Self::internal(format!("projector: {other}")),
+            EngineError::Embeddings(err) => {
+                Self::invalid_param("tofy.prefix_embeddings", err.to_string())
+            }
         }
     }
 }
@@ -132,6 +146,11 @@ impl From<DecoderError> for ApiError {
                 ..Self::invalid(err.to_string())
             },
             DecoderError::EmptyPrompt => Self::invalid_param("messages", err.to_string()),
+            DecoderError::Markers { .. } => Self::invalid_param("messages", err.to_string()),
+            DecoderError::Embeddings(_) | DecoderError::Unsupported { .. } => {
+                Self::invalid(err.to_string())
+            }
+            DecoderError::InvalidToken { .. } => Self::invalid_param("tokens", err.to_string()),
             other => Self::internal(format!("decoder: {other}")),
         }
     }

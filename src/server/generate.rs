@@ -14,23 +14,24 @@ use tokio::sync::mpsc;
 
 use super::api::{
     ChatRequest, CompletionRequest, ConditioningReport, Content, GenerationOptions, PromptField,
-    RequestMessage, ToolCall, Usage,
+    RequestMessage, TofyOptions, ToolCall, Usage,
 };
+use super::embeds::{self, Limits};
 use super::peer::{self, PeerSocket};
 use super::tools::{self, Parsed, ToolCallParser};
 use super::{Admission, ApiError, MODEL_ID, State, read_json};
-use crate::conditioning::{CondFormat, Conditioning};
+use crate::conditioning::CondMode;
 use crate::decoder::{
     ChatMessage, DecoderError, FinishReason, GenerateRequest, Generation, Prompt, Role, Sampling,
+    Segment,
 };
-use crate::engine::with_conditioning;
+use crate::engine::{Steer, TurnOptions};
 
 /// What a handler hands to the blocking thread.
 struct Job {
     input: Input,
     request: GenerateRequest,
-    ablate: bool,
-    cond_format: CondFormat,
+    turn: TurnOptions,
 }
 
 enum Input {
@@ -42,9 +43,10 @@ enum Input {
         /// The tool definitions for the system message, when offered.
         tools: Option<String>,
     },
-    /// Raw text, continued as is. A text prompt has no system message to
-    /// carry the conditioning, so the world model does not run.
-    Text(String),
+    /// Embedding rows and/or text, continued as is. A raw prompt has no
+    /// system message to carry the conditioning, so the world model does
+    /// not run.
+    Raw(Vec<Segment>),
 }
 
 /// What comes back over the channel.
@@ -55,7 +57,8 @@ enum Event {
 
 struct Outcome {
     generation: Generation,
-    conditioning: Option<Conditioning>,
+    /// A chat turn's conditioning.
+    steer: Option<Steer>,
 }
 
 /// How replies are shaped, fixed when the request is read.
@@ -65,7 +68,8 @@ struct Shape {
     chat: bool,
     tools: bool,
     include_usage: bool,
-    report: Option<CondFormat>,
+    /// `tofy.return_conditioning` on a chat request.
+    report: bool,
 }
 
 pub(crate) async fn chat(
@@ -74,7 +78,10 @@ pub(crate) async fn chat(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
-    let body: ChatRequest = read_json(&req, payload).await?;
+    let mut body: ChatRequest = read_json(&req, payload).await?;
+    let tofy = body.options.tofy.take().unwrap_or_default();
+    let report = tofy.return_conditioning;
+    let turn = turn_options(&state, tofy)?;
     let tools =
         !body.tools.is_empty() && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
     let conversation = conversation(body.messages)?;
@@ -89,7 +96,49 @@ pub(crate) async fn chat(
         world_prompt,
         tools: tools.then(|| tools::tools_prompt(&body.tools)),
     };
-    respond(state, &req, body.options, input, true, tools).await
+    respond(state, &req, body.options, input, turn, report, true, tools).await
+}
+
+/// A chat request's conditioning choices, checked before it is queued.
+fn turn_options(state: &State, tofy: TofyOptions) -> Result<TurnOptions, ApiError> {
+    let rows = match &tofy.prefix_embeddings {
+        Some(value) => Some(embeds::parse(
+            value,
+            &embed_limits(state)?,
+            "tofy.prefix_embeddings",
+        )?),
+        None => None,
+    };
+    if let Some(vector) = &tofy.conditioning
+        && let Some(i) = vector.iter().position(|v| !v.is_finite())
+    {
+        return Err(ApiError::invalid_param(
+            "tofy.conditioning",
+            format!("tofy.conditioning[{i}] is not a finite number"),
+        ));
+    }
+    Ok(TurnOptions {
+        mode: tofy.cond_mode.map(|m| m.0),
+        format: tofy.cond_format.map(|f| f.0),
+        ablate: tofy.ablate_conditioning,
+        vector: tofy.conditioning,
+        rows,
+    })
+}
+
+/// What embedding rows must fit: the decoder's input width and context.
+fn embed_limits(state: &State) -> Result<Limits, ApiError> {
+    let decoder = state.decoder()?;
+    let width = decoder.input_width().ok_or_else(|| {
+        ApiError::invalid(format!(
+            "the {} decoder backend does not take embedding rows; run the server with the llama backend",
+            decoder.backend().name()
+        ))
+    })?;
+    Ok(Limits {
+        width,
+        context: decoder.context_size().unwrap_or(usize::MAX),
+    })
 }
 
 pub(crate) async fn completions(
@@ -98,24 +147,46 @@ pub(crate) async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
-    let body: CompletionRequest = read_json(&req, payload).await?;
+    let mut body: CompletionRequest = read_json(&req, payload).await?;
     let text = match body.prompt {
-        PromptField::One(text) => text,
-        PromptField::Many(mut texts) if texts.len() == 1 => texts.remove(0),
-        PromptField::Many(_) => {
+        None => String::new(),
+        Some(PromptField::One(text)) => text,
+        Some(PromptField::Many(mut texts)) if texts.len() == 1 => texts.remove(0),
+        Some(PromptField::Many(_)) => {
             return Err(ApiError::invalid_param(
                 "prompt",
                 "only one prompt per request is supported; send a string or a list of one",
             ));
         }
     };
-    if text.is_empty() {
+    let mut segments = Vec::with_capacity(2);
+    if let Some(value) = &body.prompt_embeds {
+        let rows = embeds::parse(value, &embed_limits(&state)?, "prompt_embeds")?;
+        segments.push(Segment::Embeddings(rows));
+    }
+    if !text.is_empty() {
+        segments.push(Segment::Text(text));
+    }
+    if segments.is_empty() {
         return Err(ApiError::invalid_param(
             "prompt",
-            "prompt is empty; send some text",
+            "prompt is empty; send some text (or prompt_embeds)",
         ));
     }
-    respond(state, &req, body.options, Input::Text(text), false, false).await
+    // A raw prompt carries no conditioning message.
+    body.options.tofy = None;
+    let input = Input::Raw(segments);
+    respond(
+        state,
+        &req,
+        body.options,
+        input,
+        TurnOptions::default(),
+        false,
+        false,
+        false,
+    )
+    .await
 }
 
 /// The OpenAI conversation as decoder messages, earlier tool calls and
@@ -260,18 +331,19 @@ fn generate_request(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     state: web::Data<State>,
     req: &HttpRequest,
     mut options: GenerationOptions,
     input: Input,
+    turn: TurnOptions,
+    report: bool,
     chat: bool,
     tools: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let tofy = options.tofy.take().unwrap_or_default();
-    let cond_format = tofy.cond_format.map_or(state.cond_format, |f| f.0);
     // The prompt is filled in on the blocking thread, after the world model.
-    let request = generate_request(&state, &mut options, Prompt::Text(String::new()))?;
+    let request = generate_request(&state, &mut options, Prompt::Raw(Vec::new()))?;
     let shape = Shape {
         id: format!(
             "{}-{}",
@@ -284,15 +356,14 @@ async fn respond(
         chat,
         tools,
         include_usage: options.stream_options.is_some_and(|o| o.include_usage),
-        report: (tofy.return_conditioning && chat).then_some(cond_format),
+        report: report && chat,
     };
     state.decoder()?;
     let admission = state.clone().into_inner().admit()?;
     let mut job = Job {
         input,
         request,
-        ablate: tofy.ablate_conditioning,
-        cond_format,
+        turn,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     // A client that leaves mid-stream drops `rx` (with its stream); one
@@ -318,7 +389,11 @@ async fn respond(
         .recv()
         .await
         .ok_or_else(|| ApiError::internal("the generation thread stopped"))?;
-    if let Event::Done(Err(err)) = first {
+    if let Event::Done(Err(mut err)) = first {
+        // A raw prompt's errors are about `prompt`, not `messages`.
+        if !chat && err.param == Some("messages") {
+            err.param = Some("prompt");
+        }
         return Err(err);
     }
     if options.stream {
@@ -368,12 +443,11 @@ fn execute(state: &Arc<State>, job: Job, tx: &mpsc::UnboundedSender<Event>, admi
 }
 
 fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Outcome, ApiError> {
-    let decoder = state.decoder()?;
+    let engine = state.engine()?;
     let Job {
         input,
         mut request,
-        ablate,
-        cond_format,
+        turn,
     } = job;
     let mut sink = |piece: &str| {
         if tx.send(Event::Piece(piece.to_string())).is_ok() {
@@ -383,9 +457,9 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
         }
     };
     let (conversation, world_prompt, tools) = match input {
-        Input::Text(text) => {
-            request.prompt = Prompt::Text(text);
-            let generation = decoder.generate(&request, &mut sink)?;
+        Input::Raw(segments) => {
+            request.prompt = Prompt::Raw(segments);
+            let generation = engine.decoder().generate(&request, &mut sink)?;
             return Ok(state.finished(generation, None));
         }
         Input::Chat {
@@ -394,48 +468,31 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
             tools,
         } => (conversation, world_prompt, tools),
     };
-    // No user text for the world model to read (a system-only or empty
-    // turn): the conversation goes unconditioned.
-    let conditioning = if world_prompt.trim().is_empty() {
-        None
-    } else {
-        Some(
-            state
-                .world
-                .condition(&world_prompt, ablate)
-                .map_err(|e| ApiError::internal(format!("world model: {e}")))?,
-        )
-    };
+    let steer = engine.steer(&world_prompt, &turn)?;
     let prompt = |offer: Option<&str>| {
         let messages =
             offer.map_or_else(|| conversation.clone(), |o| offer_tools(&conversation, o));
-        Prompt::Chat(match &conditioning {
-            Some(c) => with_conditioning(messages, c.system_message(cond_format)),
-            None => messages,
-        })
+        engine.apply(&steer, messages)
     };
     request.prompt = prompt(tools.as_deref());
-    let generation = match decoder.generate(&request, &mut sink) {
+    let generation = match engine.decoder().generate(&request, &mut sink) {
         // Tool definitions can be long (OpenCode's are ~5k tokens): when
         // they push the prompt past the context, the conversation runs
         // without them, as it would with a template that ignores tools.
         // The error comes before any output, so nothing was sent yet.
         Err(DecoderError::ContextExceeded { .. }) if tools.is_some() => {
             request.prompt = prompt(None);
-            decoder.generate(&request, &mut sink)?
+            engine.decoder().generate(&request, &mut sink)?
         }
         other => other?,
     };
-    Ok(state.finished(generation, conditioning))
+    Ok(state.finished(generation, Some(steer)))
 }
 
 impl State {
-    fn finished(&self, generation: Generation, conditioning: Option<Conditioning>) -> Outcome {
+    fn finished(&self, generation: Generation, steer: Option<Steer>) -> Outcome {
         self.metrics.record_generation(&generation);
-        Outcome {
-            generation,
-            conditioning,
-        }
+        Outcome { generation, steer }
     }
 }
 
@@ -452,13 +509,19 @@ fn usage(g: &Generation) -> Usage {
 }
 
 fn report(shape: &Shape, outcome: &Outcome) -> Option<Value> {
-    let (format, c) = (shape.report?, outcome.conditioning.as_ref()?);
+    let steer = outcome.steer.as_ref().filter(|_| shape.report)?;
+    let c = steer.conditioning.as_ref();
     let report = ConditioningReport {
-        cond_format: format.name(),
-        text: c.as_text(format),
-        vector: c.vector.clone(),
-        ablated: c.ablated,
-        world_tokens: c.world_tokens,
+        cond_mode: steer.mode.name(),
+        cond_format: steer.format.name(),
+        text: match (steer.mode, c) {
+            (CondMode::Text, Some(c)) => c.as_text(steer.format),
+            _ => String::new(),
+        },
+        k: steer.k(),
+        vector: c.map_or_else(Vec::new, |c| c.vector.clone()),
+        ablated: c.is_some_and(|c| c.ablated),
+        world_tokens: c.map_or(0, |c| c.world_tokens),
     };
     Some(json!({ "conditioning": report }))
 }

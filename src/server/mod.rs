@@ -3,9 +3,11 @@
 //! Routes (each also without the `/v1` prefix, since the seed tells
 //! OpenCode users to use `http://localhost:8080` as the base URL):
 //! `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! plus `GET /health` and `GET /metrics`.
+//! `POST /tokenize`, `POST /detokenize` (llama-server's shapes), plus
+//! `GET /health` and `GET /metrics`.
 //!
-//! The server binds first and loads the decoder behind it, answering
+//! The server binds first and loads the engine (decoder, projector) behind
+//! it, answering
 //! `/health` with 503 until the model is ready. Every generation runs on a
 //! blocking thread that feeds a channel; the HTTP side turns that channel
 //! into one JSON reply or an SSE stream. A client that goes away (its
@@ -16,12 +18,13 @@
 //! request gets 503 at once.
 
 pub mod api;
+mod embeds;
 mod error;
 mod generate;
 mod metrics;
 mod peer;
+mod tokenize;
 pub mod tools;
-mod world_batch;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,13 +38,11 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError, web};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::conditioning::CondFormat;
-use crate::decoder::{Decoder, DecoderError, Sampling};
-use crate::world::WorldModel;
+use crate::decoder::{Decoder, Sampling};
+use crate::engine::Engine;
 
 pub use error::ApiError;
 use metrics::Metrics;
-use world_batch::WorldBatcher;
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 16 << 20;
@@ -58,8 +59,6 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Required as `Authorization: Bearer KEY` when set.
     pub api_key: Option<String>,
-    /// Conditioning format unless a request names one.
-    pub cond_format: CondFormat,
     /// Sampling for parameters a request leaves out.
     pub sampling: Sampling,
     /// `max_tokens` when a request gives none (bounded by the context).
@@ -70,32 +69,33 @@ pub struct ServeOptions {
 pub enum ServeError {
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Decoder(#[from] DecoderError),
+    #[error("{0:#}")]
+    Load(anyhow::Error),
 }
 
 /// What every handler shares.
 pub(crate) struct State {
-    decoder: OnceLock<Box<dyn Decoder>>,
-    world: WorldBatcher,
+    engine: OnceLock<Engine>,
     metrics: Metrics,
     /// Requests admitted and not yet finished (running or queued).
     in_flight: AtomicUsize,
     parallel: usize,
     queue: usize,
     api_key: Option<String>,
-    cond_format: CondFormat,
     sampling: Sampling,
     max_tokens: usize,
     created: u64,
 }
 
 impl State {
-    fn decoder(&self) -> Result<&dyn Decoder, ApiError> {
-        self.decoder
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        self.engine
             .get()
-            .map(|d| d.as_ref())
             .ok_or_else(|| ApiError::unavailable("the decoder model is still loading; retry shortly (GET /health says when it is ready)"))
+    }
+
+    fn decoder(&self) -> Result<&dyn Decoder, ApiError> {
+        Ok(self.engine()?.decoder())
     }
 
     fn authorize(&self, req: &HttpRequest) -> Result<(), ApiError> {
@@ -132,9 +132,9 @@ impl State {
     fn load(&self) -> (usize, usize) {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         let active = self
-            .decoder
+            .engine
             .get()
-            .and_then(|d| d.active_sequences())
+            .and_then(|e| e.decoder().active_sequences())
             .unwrap_or(in_flight)
             .min(in_flight);
         (active, in_flight - active)
@@ -151,21 +151,19 @@ impl Drop for Admission {
     }
 }
 
-/// Serves until SIGINT/SIGTERM. `load_decoder` runs behind the open port;
+/// Serves until SIGINT/SIGTERM. `load_engine` runs behind the open port;
 /// if it fails the server stops and its error is returned.
-pub fn serve<F>(world: WorldModel, load_decoder: F, options: ServeOptions) -> Result<(), ServeError>
+pub fn serve<F>(load_engine: F, options: ServeOptions) -> Result<(), ServeError>
 where
-    F: FnOnce() -> Result<Box<dyn Decoder>, DecoderError> + Send + 'static,
+    F: FnOnce() -> anyhow::Result<Engine> + Send + 'static,
 {
     let state = Arc::new(State {
-        decoder: OnceLock::new(),
-        world: WorldBatcher::start(Arc::new(world))?,
+        engine: OnceLock::new(),
         metrics: Metrics::default(),
         in_flight: AtomicUsize::new(0),
         parallel: options.parallel.max(1),
         queue: options.queue,
         api_key: options.api_key.filter(|k| !k.is_empty()),
-        cond_format: options.cond_format,
         sampling: options.sampling,
         max_tokens: options.max_tokens,
         created: SystemTime::now()
@@ -192,9 +190,9 @@ where
         let (loader_state, loader_error) = (Arc::clone(&state), Arc::clone(&load_error));
         std::thread::Builder::new()
             .name("tofy-load".into())
-            .spawn(move || match load_decoder() {
-                Ok(decoder) => {
-                    let _ = loader_state.decoder.set(decoder);
+            .spawn(move || match load_engine() {
+                Ok(engine) => {
+                    let _ = loader_state.engine.set(engine);
                     eprintln!("tofy serve: decoder ready");
                 }
                 Err(err) => {
@@ -209,7 +207,7 @@ where
         .ok()
         .and_then(OnceLock::into_inner)
     {
-        Some(err) => Err(err.into()),
+        Some(err) => Err(ServeError::Load(err)),
         None => Ok(()),
     }
 }
@@ -232,6 +230,16 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
+            web::resource(format!("{prefix}/tokenize"))
+                .route(web::post().to(tokenize::tokenize))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource(format!("{prefix}/detokenize"))
+                .route(web::post().to(tokenize::detokenize))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
             web::resource(format!("{prefix}/health"))
                 .route(web::get().to(health))
                 .default_service(web::to(method_not_allowed)),
@@ -245,7 +253,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn health(state: web::Data<State>) -> HttpResponse {
-    if state.decoder.get().is_some() {
+    if state.engine.get().is_some() {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
     } else {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "loading" }))
