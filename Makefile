@@ -11,7 +11,7 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model help
+.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -22,6 +22,7 @@ test: setup models clients
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked $(FEATURES) --all-targets -- -D warnings
 	$(CARGO) test --release --locked $(FEATURES)
+	$(CARGO) run --release --locked $(FEATURES) --example prefix_experiment
 
 ## setup: check the toolchain and install the system packages the build needs
 setup:
@@ -63,6 +64,10 @@ $(PAIRS): $(CHITCHAT) build
 world-model: data
 	$(TOFY) train-world $(PAIRS) 4000 64 128 32 2 4 8000 256 --lr 1e-3 --seed 0 --out models/world
 	$(TOFY) eval-world models/world/model_world_1.51M.safetensors models/world/vocab_world.txt data/chitchat_pairs.heldout.tsv
+
+## projector: regenerate the embedded placeholder projector (models/projector/README.md)
+projector: build models
+	$(TOFY) random-projector --k 4 --seed 0 --decoder-model $(GGUF) --out models/projector/smollm2-135m-placeholder.safetensors
 
 ## fixture: regenerate tests/fixtures/seed-tiny with the independent NumPy implementation
 fixture:

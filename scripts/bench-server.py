@@ -299,24 +299,30 @@ def summarize_rounds(path):
               f"({fmt(min(tok))}-{fmt(max(tok))}) | {fmt(med(rows, 'ttft_p50_ms'))} | "
               f"{fmt(med(rows, 'ttft_p99_ms'))} | {fmt(med(rows, 'decode_tok_s_per_stream'))} |")
     print()
-    print("| streams | mode | tofy / llama-server: of the medians | per round, median (min-max) |")
-    print("|---:|---|---:|---:|")
+    print("| streams | mode | tofy / llama-server: of the medians | per round, median (min-max) "
+          "| TTFT p50, tofy / llama-server |")
+    print("|---:|---|---:|---:|---:|")
     for (label, c), ours in medians.items():
         if not label.startswith("tofy "):
             continue
         rest = label[len("tofy "):]
-        peer = medians.get(("llama-server " + rest, c))
+        # llama-server has no conditioning: its plain chat is the peer of
+        # every tofy chat mode ("prefix chat" included).
+        peer_label = "llama-server " + rest.replace("prefix chat", "chat")
+        peer = medians.get((peer_label, c))
         if not (ours and peer):
             continue
         # Rounds are appended in order, so the i-th rows of both ran back to back.
         ratios = [a["aggregate_tok_s"] / b["aggregate_tok_s"]
-                  for a, b in zip(groups[(label, c)], groups[("llama-server " + rest, c)])
+                  for a, b in zip(groups[(label, c)], groups[(peer_label, c)])
                   if a["aggregate_tok_s"] and b["aggregate_tok_s"]]
         if not ratios:
             continue
         mode = rest.split(" ", 1)[1] if " " in rest else rest
+        ttft_ours, ttft_peer = med(groups[(label, c)], "ttft_p50_ms"), med(groups[(peer_label, c)], "ttft_p50_ms")
+        ttft = f"{ttft_ours / ttft_peer:.2f}" if ttft_ours and ttft_peer else "-"
         print(f"| {c} | {mode} | {ours / peer:.2f} | {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {ttft} |")
     return 0
 
 

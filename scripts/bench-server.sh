@@ -6,7 +6,9 @@
 # two modes: "chat" (POST /v1/chat/completions, what users send: tofy adds its world-model
 # conditioning message, llama-server does not) and "same tokens" (POST /v1/completions with one
 # ChatML text holding a conditioning-like system message: both servers evaluate exactly the same
-# tokens, which compares the serving engines). scripts/bench-server.py does the requests and the
+# tokens, which compares the serving engines). A third server, tofy --cond-mode prefix, runs the
+# chat mode with its conditioning as K=4 embedding rows instead of ~50 digit tokens ("prefix
+# chat", compared with llama-server's chat). scripts/bench-server.py does the requests and the
 # statistics.
 # Peers come from ../shared/peers/build-llama-tools.sh via scripts/bench-decoder.sh's build.
 # usage: scripts/bench-server.sh [THREADS]   (default: physical cores)
@@ -49,20 +51,24 @@ ready() {
 }
 # What tofy's conditioning message looks like (docs/server.md), fixed numbers.
 system="You are Tofy, a helpful assistant. A world model read the user's message and predicted a latent condition for your reply. Use the latent condition to guide the tone, depth and focus of your reply; never mention it or its numbers. Latent condition: chunks=[0.188,0.054,0.099,-0.045,0.000,-0.096,0.031,0.049]"
-bench() { # label concurrency
+chat() { # label concurrency
     python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
-        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 chat" --out "$out"
+        --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1" --out "$out"
+}
+bench() { # label concurrency
+    chat "$1 chat" "$2"
     python3 scripts/bench-server.py --base-url "http://127.0.0.1:$port" --concurrency "$2" \
         --requests-per-stream "$requests" --max-tokens "$max_tokens" --label "$1 same tokens" \
         --raw-system "$system" --out "$out" | tail -n 1
 }
 
 echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream, $rounds rounds, tofy cache ${TOFY_CACHE_TYPE:-q8_0}"
-start_tofy() {
+start_tofy() { # parallel [flags]
     JEPA_DECODER_MODEL=$model JEPA_DECODER_NGL=0 JEPA_DECODER_THREADS=$threads \
-        target/release/tofy serve "127.0.0.1:$port" --parallel "$1" --ctx "$ctx" 2>/dev/null &
+        target/release/tofy serve "127.0.0.1:$port" --parallel "$1" --ctx "$ctx" "${@:2}" 2>/dev/null &
     pid=$!
 }
+start_tofy-prefix() { start_tofy "$1" --cond-mode prefix; }
 start_llama-server() {
     "$peers/bin/llama-server" -m "$model" -c $((ctx * $1)) -np "$1" -t "$threads" -tb "$threads" \
         -ngl 0 --host 127.0.0.1 --port "$port" >/dev/null 2>&1 &
@@ -71,12 +77,16 @@ start_llama-server() {
 for n in $levels; do
     for round in $(seq "$rounds"); do
         # Alternate who goes first, so that the VM's drift does not favour either.
-        order="tofy llama-server"
-        if [ $((round % 2)) -eq 0 ]; then order="llama-server tofy"; fi
+        order="tofy tofy-prefix llama-server"
+        if [ $((round % 2)) -eq 0 ]; then order="llama-server tofy-prefix tofy"; fi
         for server in $order; do
             "start_$server" "$n"
             ready
-            bench "$server np=$n" "$n"
+            if [ "$server" = tofy-prefix ]; then
+                chat "tofy np=$n prefix chat" "$n" | tail -n 1
+            else
+                bench "$server np=$n" "$n"
+            fi
             stop
         done
     done

@@ -373,8 +373,32 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
     );
     assert!(!stdout(&out).trim().is_empty());
 
-    // A projector for another width is one clear error.
+    // The embedded placeholder is what `make projector` writes.
     let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.safetensors");
+    let again_arg = again.display().to_string();
+    stdout(&tofy(
+        &[
+            "random-projector",
+            "--k",
+            "4",
+            "--seed",
+            "0",
+            "--out",
+            &again_arg,
+        ],
+        &env,
+    ));
+    let z: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+    assert_eq!(
+        tofy::projector::Projector::load(&again)
+            .unwrap()
+            .project(&z)
+            .unwrap(),
+        tofy::projector::Projector::embedded().project(&z).unwrap()
+    );
+
+    // A projector for another width is one clear error.
     let wide = dir.path().join("wide.safetensors");
     tofy::projector::Projector::random(256, 2, 640, 1.0, 0, "gemma.gguf")
         .save(&wide, "test")

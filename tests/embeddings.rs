@@ -127,6 +127,7 @@ fn token_rows_from_the_gguf_give_the_token_paths_logits() {
     reset(&mut eval);
     let by_rows = feed(&mut eval, 0, &[Part::Rows(&rows)]);
     let d = max_abs_diff(&by_tokens, &by_rows);
+    eprintln!("rows vs tokens: max |logit difference| {d}");
     assert!(d <= 1e-4, "rows vs tokens: max |diff| {d}");
 
     // Half rows in one decode, then half tokens in the next.

@@ -693,12 +693,8 @@ impl Run {
                     total_time,
                 }));
             }
-            Task::Score(s) if finish_reason == FinishReason::Cancelled => {
-                let _ = self
-                    .job
-                    .events
-                    .send(Event::Scored(Err(DecoderError::Cancelled)));
-                drop(s);
+            Task::Score(_) if finish_reason == FinishReason::Cancelled => {
+                self.job.fail(DecoderError::Cancelled);
             }
             Task::Score(s) => {
                 let tokens = self.prompt[s.from..]
