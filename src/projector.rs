@@ -283,11 +283,18 @@ impl Projector {
             .collect();
         if let Some(norm) = self.row_norm {
             for row in out.chunks_exact_mut(self.n_embd) {
-                let l2 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                // In f64: a row of large values must not overflow its norm.
+                let l2 = row
+                    .iter()
+                    .map(|&v| f64::from(v).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 // A zero row (a zero vector through a bias-free map) stays
                 // zero: there is no direction to scale.
-                if l2 > 0.0 {
-                    row.iter_mut().for_each(|v| *v *= norm / l2);
+                if l2 > 0.0 && l2.is_finite() {
+                    let scale = f64::from(norm) / l2;
+                    row.iter_mut()
+                        .for_each(|v| *v = (f64::from(*v) * scale) as f32);
                 }
             }
         }

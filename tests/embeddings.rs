@@ -119,9 +119,7 @@ fn token_rows_from_the_gguf_give_the_token_paths_logits() {
     let tokens = tokenize(TEXT);
     let other = tokenize(OTHER);
     let rows = rows_of(&table, &tokens);
-    let reset = |eval: &mut Evaluator<'_>| {
-        eval.context_mut().clear_kv_cache();
-    };
+    let reset = |eval: &mut Evaluator<'_>| eval.clear_all();
 
     let by_tokens = feed(&mut eval, 0, &[Part::Tokens(&tokens)]);
     reset(&mut eval);

@@ -1044,6 +1044,15 @@ fn prefix_mode_chat_carries_the_world_vector_in_rows() {
             json!({ "prefix_embeddings": [[0.5, 0.5]] }),
             "tofy.prefix_embeddings",
         ),
+        // Finite, but its rows overflow.
+        (
+            json!({ "conditioning": vec![3e38; 256] }),
+            "tofy.conditioning",
+        ),
+        (
+            json!({ "prefix_embeddings": [vec![0.5; 576]], "ablate_conditioning": true }),
+            "tofy.ablate_conditioning",
+        ),
     ] {
         let (status, e) = server.post("/v1/chat/completions", &with(chat("hi", 2), "tofy", tofy));
         assert_eq!(status, 400, "{e}");

@@ -21,7 +21,7 @@ pub enum EmbeddingsError {
     #[error("{len} values are not a whole number of rows of width {width}")]
     Ragged { len: usize, width: usize },
     #[error(
-        "embedding row {row} has a non-finite value (NaN or infinity) at column {column}; send finite numbers"
+        "embedding row {row} has a non-finite value (NaN or infinity) or one beyond ±1e6 at column {column}; send finite numbers of token-embedding scale"
     )]
     NotFinite { row: usize, column: usize },
     #[error(
@@ -29,6 +29,9 @@ pub enum EmbeddingsError {
     )]
     Width { got: usize, expected: usize },
 }
+
+/// The largest magnitude a row value may have.
+pub const MAX_ABS: f32 = 1e6;
 
 /// `n_rows x width` f32 rows, row-major, finite, shared cheaply.
 #[derive(Clone)]
@@ -53,7 +56,12 @@ impl Embeddings {
                 width,
             });
         }
-        if let Some(at) = data.iter().position(|v| !v.is_finite()) {
+        // Token embeddings are of order 1; values far beyond that only
+        // overflow the first layer's norm into NaN logits.
+        if let Some(at) = data
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_ABS)
+        {
             return Err(EmbeddingsError::NotFinite {
                 row: at / width,
                 column: at % width,
@@ -151,6 +159,10 @@ mod tests {
         assert_eq!(
             Embeddings::new(vec![0.0, 1.0, f32::NAN, 2.0], 2).unwrap_err(),
             EmbeddingsError::NotFinite { row: 1, column: 0 }
+        );
+        assert_eq!(
+            Embeddings::new(vec![0.0, -1e7], 2).unwrap_err(),
+            EmbeddingsError::NotFinite { row: 0, column: 1 }
         );
         assert_eq!(
             Embeddings::new(Vec::new(), 2).unwrap_err(),

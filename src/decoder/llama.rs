@@ -858,12 +858,7 @@ impl<'m> Scheduler<'m> {
                 .expect("a free slot exists");
             self.clock += 1;
             slot.used = self.clock;
-            let reused = reuse_prefix(
-                self.eval.context_mut(),
-                slot,
-                &prepared.items,
-                prepared.first_logits,
-            );
+            let reused = reuse_prefix(&mut self.eval, slot, &prepared.items, prepared.first_logits);
             slot.run = Some(self.loaded.start_run(job, prepared, reused));
             self.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -1006,10 +1001,7 @@ impl<'m> Scheduler<'m> {
             if let Some(run) = slot.run.take() {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 run.job.fail(DecoderError::Decode(message.to_string()));
-                let _ =
-                    self.eval
-                        .context_mut()
-                        .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+                self.eval.clear_seq(slot.seq, None);
                 slot.cached.clear();
             }
         }
@@ -1096,18 +1088,17 @@ fn common_prefix(a: &[Item], b: &[Item]) -> usize {
 /// removed; when llama.cpp cannot remove a part (recurrent models), all of
 /// it is.
 fn reuse_prefix(
-    context: &mut LlamaContext<'_>,
+    eval: &mut Evaluator<'_>,
     slot: &mut Slot,
     items: &[Item],
     first_logits: usize,
 ) -> usize {
     let common = common_prefix(&slot.cached, items).min(first_logits);
-    let seq = Some(slot.seq as u32);
     let position = u32::try_from(common).unwrap_or(u32::MAX);
-    let kept = if common > 0 && context.clear_kv_cache_seq(seq, Some(position), None) == Ok(true) {
+    let kept = if common > 0 && eval.clear_seq(slot.seq, Some(position)) {
         common
     } else {
-        let _ = context.clear_kv_cache_seq(seq, None, None);
+        eval.clear_seq(slot.seq, None);
         0
     };
     slot.cached.truncate(kept);

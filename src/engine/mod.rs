@@ -42,6 +42,10 @@ pub enum EngineError {
         "prefix conditioning needs embedding input, which the {backend} backend does not take; use the llama backend (JEPA_DECODER_BACKEND=llama)"
     )]
     NoEmbeddingInput { backend: &'static str },
+    #[error(
+        "ablate_conditioning zeroes a conditioning vector, and the caller's own embedding rows have none; send one or the other"
+    )]
+    AblateRows,
 }
 
 /// How the engine conditions unless a request says otherwise.
@@ -210,6 +214,9 @@ impl Engine {
             world_time: Duration::ZERO,
         };
         if let Some(rows) = &turn.rows {
+            if turn.ablate {
+                return Err(EngineError::AblateRows);
+            }
             if let Some(width) = self.decoder.input_width() {
                 rows.check_width(width)?;
             } else {
@@ -219,11 +226,16 @@ impl Engine {
             return Ok(steer);
         }
         if let Some(vector) = &turn.vector {
-            steer.rows = Some(self.projector_for_prefix()?.project(vector)?);
+            let vector = if turn.ablate {
+                vec![0.0; vector.len()]
+            } else {
+                vector.clone()
+            };
+            steer.rows = Some(self.projector_for_prefix()?.project(&vector)?);
             steer.conditioning = Some(Conditioning {
-                vector: vector.clone(),
+                vector,
                 world_tokens: 0,
-                ablated: false,
+                ablated: turn.ablate,
             });
             return Ok(steer);
         }

@@ -50,19 +50,27 @@ pub(crate) fn parse(
     };
     let data = match value {
         Value::Object(object) => {
+            let dim = |v: &Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
             let shape = object
                 .get("shape")
                 .and_then(Value::as_array)
                 .filter(|s| s.len() == 2)
-                .and_then(|s| Some((s[0].as_u64()? as usize, s[1].as_u64()? as usize)))
+                .and_then(|s| Some((dim(&s[0])?, dim(&s[1])?)))
                 .ok_or_else(|| bad("shape must be [rows, width], two whole numbers".into()))?;
             check_shape(shape.0, shape.1)?;
             let text = object.get("data").and_then(Value::as_str).ok_or_else(|| {
                 bad("data must be a base64 string of little-endian f32 values".into())
             })?;
-            let bytes = shape.0 * shape.1 * 4;
+            // Bounded by the checks above (width = the model's, rows below
+            // the context), and checked all the same.
+            let too_big = || bad("shape is too large".into());
+            let bytes = shape
+                .0
+                .checked_mul(shape.1)
+                .and_then(|n| n.checked_mul(4))
+                .ok_or_else(too_big)?;
             // Standard base64 with padding: 4 characters per 3 bytes.
-            let encoded = bytes.div_ceil(3) * 4;
+            let encoded = bytes.div_ceil(3).checked_mul(4).ok_or_else(too_big)?;
             if text.len() != encoded {
                 return Err(bad(format!(
                     "data is {} base64 characters, but shape {:?} needs {bytes} bytes, which is {encoded} characters (standard alphabet, with padding)",
@@ -78,7 +86,10 @@ pub(crate) fn parse(
                 .collect()
         }
         Value::Array(rows) => {
-            let width = rows.first().and_then(Value::as_array).map_or(0, Vec::len);
+            let width = rows
+                .first()
+                .and_then(Value::as_array)
+                .map_or(limits.width, Vec::len);
             check_shape(rows.len(), width)?;
             let mut data = Vec::with_capacity(rows.len() * width);
             for (i, row) in rows.iter().enumerate() {

@@ -126,12 +126,17 @@ impl From<EngineError> for ApiError {
             EngineError::NoProjector { .. } | EngineError::NoEmbeddingInput { .. } => {
                 Self::invalid_param("tofy.cond_mode", err.to_string())
             }
-            EngineError::Projector(ProjectorError::VectorLength { .. }) => {
-                Self::invalid_param("tofy.conditioning", err.to_string())
-            }
+            // A vector of the wrong length, or one whose rows leave the
+            // range embedding rows may take: the caller's vector.
+            EngineError::Projector(
+                ProjectorError::VectorLength { .. } | ProjectorError::Rows(_),
+            ) => Self::invalid_param("tofy.conditioning", err.to_string()),
             EngineError::Projector(other) => Self::internal(format!("projector: {other}")),
             EngineError::Embeddings(err) => {
                 Self::invalid_param("tofy.prefix_embeddings", err.to_string())
+            }
+            EngineError::AblateRows => {
+                Self::invalid_param("tofy.ablate_conditioning", err.to_string())
             }
         }
     }

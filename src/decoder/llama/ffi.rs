@@ -30,7 +30,7 @@ use llama_cpp_sys_2 as sys;
 pub const NO_MIXED_BATCH_ARCHS: [&str; 6] = [
     "cogvlm",
     "deepseek4",
-    "granite-switch",
+    "graniteswitch",
     "eagle3",
     "dflash",
     "gemma4-assistant",
@@ -82,8 +82,23 @@ impl<'m> Evaluator<'m> {
         &self.context
     }
 
-    pub fn context_mut(&mut self) -> &mut LlamaContext<'m> {
-        &mut self.context
+    /// Removes sequence `seq`'s cells from position `from` on (all of them
+    /// with `None`); false when llama.cpp cannot remove a part (recurrent
+    /// models). The context itself is never handed out mutably: the batch
+    /// points into it, and must not outlive it.
+    pub fn clear_seq(&mut self, seq: i32, from: Option<u32>) -> bool {
+        // A negative id would mean "every sequence" to llama.cpp.
+        let Ok(seq) = u32::try_from(seq) else {
+            return false;
+        };
+        self.context
+            .clear_kv_cache_seq(Some(seq), from, None)
+            .unwrap_or(false)
+    }
+
+    /// Empties every sequence.
+    pub fn clear_all(&mut self) {
+        self.context.clear_kv_cache();
     }
 
     /// Rows in the batch.
@@ -156,11 +171,14 @@ impl<'m> Evaluator<'m> {
         if idx < 0 {
             return Err(BatchError::Row(idx));
         }
-        // SAFETY: `idx` is a row of this live batch; `pos` outlives the call
-        // (llama.cpp copies one position for text models, n_pos_per_embd
-        // for M-RoPE ones, which tofy does not feed embedding rows to).
+        // llama.cpp reads one position for a token row and n_pos_per_embd
+        // (up to 4, M-RoPE models) for an embedding row: four positions, as
+        // llama.cpp itself expands a text position for M-RoPE, cover both.
+        let positions = [pos, pos, pos, 0];
+        // SAFETY: `idx` is a row of this live batch; llama.cpp copies at
+        // most four positions, which `positions` holds, during the call.
         let placed = unsafe {
-            sys::llama_batch_ext_set_pos(self.batch.as_ptr(), idx, &pos)
+            sys::llama_batch_ext_set_pos(self.batch.as_ptr(), idx, positions.as_ptr())
                 && sys::llama_batch_ext_set_output_logits(self.batch.as_ptr(), idx, logits)
         };
         if !placed {
@@ -265,9 +283,22 @@ impl TokenEmbeddings {
         let table = gguf
             .tensor("token_embd.weight")
             .ok_or_else(|| TokenEmbeddingsError::NoTable(path.to_path_buf()))?;
-        // SAFETY: ggml's type table is static; the row size is arithmetic.
+        if table.ty >= sys::GGML_TYPE_COUNT {
+            return Err(TokenEmbeddingsError::Type {
+                path: path.to_path_buf(),
+                ty: table.ty,
+            });
+        }
+        // SAFETY: a known type's traits are static data; ggml_row_size
+        // asserts whole blocks, checked first.
         let (to_float, row_bytes) = unsafe {
             let traits = sys::ggml_get_type_traits(table.ty);
+            let block = usize::try_from(sys::ggml_blck_size(table.ty)).unwrap_or(0);
+            if block == 0 || !width.is_multiple_of(block) {
+                return Err(layout_error(format!(
+                    "embedding_length {width} is not a whole number of {block}-value blocks"
+                )));
+            }
             let row_bytes = sys::ggml_row_size(table.ty, width as i64);
             ((*traits).to_float, row_bytes)
         };
@@ -289,7 +320,11 @@ impl TokenEmbeddings {
         // running decoder is outside what llama.cpp supports either.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| TokenEmbeddingsError::Io(path.to_path_buf(), e))?;
-        if table.offset.checked_add(table.size) > Some(map.len()) {
+        if table
+            .offset
+            .checked_add(table.size)
+            .is_none_or(|end| end > map.len())
+        {
             return Err(layout_error(
                 "token_embd.weight runs past the end of the file (truncated?)".into(),
             ));
