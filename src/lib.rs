@@ -14,6 +14,8 @@
 //! - [`projector`]: world vector → embedding rows for prefix conditioning.
 //! - [`server`]: the OpenAI-compatible HTTP server (`tofy serve`).
 //! - [`eval`]: held-out evaluation of a world model against baselines.
+//! - [`eval_conditioning`]: does the conditioning lower the decoder's NLL of
+//!   the true reply (paired modes, bootstrap intervals)?
 //! - [`train`] (feature `train`): the candle trainer and reference model.
 //! - [`cli`]: the command-line surface (`tofy condition`, ...), shared by the
 //!   binary and the integration tests.
@@ -24,6 +26,7 @@ pub mod data;
 pub mod decoder;
 pub mod engine;
 pub mod eval;
+pub mod eval_conditioning;
 pub mod projector;
 pub mod server;
 #[cfg(feature = "train")]

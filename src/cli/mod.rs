@@ -4,6 +4,7 @@
 mod agent;
 mod condition;
 mod decoder_args;
+mod eval_conditioning;
 mod projector;
 mod serve;
 mod train;
@@ -42,6 +43,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Write a fixed random projector for a GGUF (prefix mode's placeholder).
     RandomProjector(projector::RandomProjectorArgs),
+    /// Does the conditioning help? The decoder's NLL of held-out replies under each mode.
+    EvalConditioning(eval_conditioning::EvalConditioningArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -105,6 +108,7 @@ where
         Command::Doctor(args) => agent::doctor(args),
         Command::Serve(args) => serve::run(args),
         Command::RandomProjector(args) => projector::run(args),
+        Command::EvalConditioning(args) => eval_conditioning::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),

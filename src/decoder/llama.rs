@@ -229,6 +229,26 @@ impl Decoder for LlamaDecoder {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    fn end_of_turn(&self) -> Option<String> {
+        // What the chat template writes after an assistant's reply (the
+        // GGUF's EOT id is not always the template's: SmolLM2 names
+        // <|endoftext|> but ends turns with <|im_end|>).
+        const REPLY: &str = "tofy-reply";
+        if let Some(template) = &self.model.template {
+            let chat = [("user", "hi"), ("assistant", REPLY)]
+                .map(|(role, text)| LlamaChatMessage::new(role.into(), text.into()));
+            if let Ok(chat) = chat.into_iter().collect::<Result<Vec<_>, _>>()
+                && let Ok(text) = self.model.model.apply_chat_template(template, &chat, false)
+                && let Some((_, after)) = text.rsplit_once(REPLY)
+                && !after.trim_end().is_empty()
+            {
+                return Some(after.trim_end().to_string());
+            }
+        }
+        let eos = self.model.model.vocab().eos();
+        (eos.0 >= 0).then(|| self.detokenize(&[eos.0]).ok())?
+    }
+
     fn score(&self, request: &ScoreRequest) -> Result<Score, DecoderError> {
         let (events_rx, _) = self.submit(Work::Score(request.clone()), request.cancel.clone())?;
         for event in events_rx {

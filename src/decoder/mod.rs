@@ -313,6 +313,11 @@ pub trait Decoder: Send + Sync {
     fn detokenize(&self, _tokens: &[i32]) -> Result<String, DecoderError> {
         Err(self.unsupported("detokenize"))
     }
+    /// The text that ends an assistant turn (`<|im_end|>` for ChatML),
+    /// where the backend knows the vocabulary.
+    fn end_of_turn(&self) -> Option<String> {
+        None
+    }
     /// Teacher-forced log-probabilities of a continuation.
     fn score(&self, _request: &ScoreRequest) -> Result<Score, DecoderError> {
         Err(self.unsupported("score a continuation"))

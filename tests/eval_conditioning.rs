@@ -1,0 +1,135 @@
+//! `tofy eval-conditioning` on the real SmolLM2 GGUF: every mode and every
+//! paired difference is reported, and the NLLs are what the decoder's own
+//! `score` gives for the same prompts.
+
+mod common;
+
+use std::process::Command;
+
+use tofy::data::pairs::{self, Pair};
+use tofy::decoder::llama::LlamaDecoder;
+use tofy::decoder::{ChatMessage, Decoder, DecoderConfig, Role, ScoreRequest};
+use tofy::engine::{CondSettings, Engine, Steer};
+use tofy::eval_conditioning::{EvalMode, PAIRED};
+use tofy::projector::Projector;
+use tofy::world::{LoadOptions, WorldModel};
+
+const PAIRS: [(&str, &str); 8] = [
+    ("hi how are you today", "i am good thanks, and you?"),
+    ("what do you do for work", "i teach math at a high school"),
+    ("do you like dogs", "yes i have two of them"),
+    ("where are you from", "i grew up in ohio"),
+    ("what is your favorite food", "pizza, for sure"),
+    (
+        "any plans for the weekend",
+        "going hiking if it does not rain",
+    ),
+    ("have you seen any good movies", "not lately, i mostly read"),
+    ("how was your day", "long, but it ended well"),
+];
+
+fn nll_of(decoder: &dyn Decoder, request: &ScoreRequest) -> (f64, usize) {
+    let s = decoder.score(request).unwrap();
+    (-s.logprobs.iter().sum::<f64>(), s.tokens.len())
+}
+
+#[test]
+fn every_mode_is_reported_and_equals_the_decoders_own_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.tsv");
+    let pairs: Vec<Pair> = PAIRS
+        .iter()
+        .map(|(c, n)| Pair {
+            context: c.to_string(),
+            next: n.to_string(),
+        })
+        .collect();
+    pairs::write(&path, &pairs).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "8"])
+        .args(["--json", "--parallel", "2", "--resamples", "200"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .env("JEPA_DECODER_NGL", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["n"], 8);
+    for mode in EvalMode::ALL {
+        let nll = report["modes"][mode.name()]["nll"].as_f64().unwrap();
+        assert!(nll > 0.0 && nll.is_finite(), "{mode:?}: {nll}");
+    }
+    for (a, b) in PAIRED {
+        let d = &report["paired"][format!("{}-{}", a.name(), b.name())];
+        let (lo, mean, hi) = (
+            d["lo"].as_f64().unwrap(),
+            d["mean"].as_f64().unwrap(),
+            d["hi"].as_f64().unwrap(),
+        );
+        assert!(lo <= mean && mean <= hi, "{a:?}-{b:?}: {d}");
+    }
+
+    // The same NLLs, scored directly: no message, and the projector's rows
+    // of each context's own world vector.
+    let world = WorldModel::load_default(&LoadOptions::default()).unwrap();
+    let vectors: Vec<Vec<f32>> = PAIRS
+        .iter()
+        .map(|(c, _)| world.condition(c).unwrap().vector)
+        .collect();
+    let config = DecoderConfig {
+        ctx: 1024,
+        threads: 1,
+        ngl: 0,
+        ..DecoderConfig::default()
+    };
+    let decoder = LlamaDecoder::load(&common::smollm2(), &config).unwrap();
+    let eot = decoder.end_of_turn().unwrap();
+    assert_eq!(eot, "<|im_end|>");
+    let engine = Engine::new(world, Box::new(decoder), CondSettings::default(), None).unwrap();
+    let projector = Projector::embedded();
+    let (mut none, mut prefix, mut tokens) = (0.0, 0.0, 0);
+    for ((context, reply), vector) in PAIRS.iter().zip(&vectors) {
+        let request = |prompt| ScoreRequest {
+            prompt,
+            continuation: format!("{reply}{eot}"),
+            cancel: None,
+        };
+        let user = vec![ChatMessage::new(Role::User, *context)];
+        let (n, t) = nll_of(
+            engine.decoder(),
+            &request(tofy::decoder::Prompt::chat(user.clone())),
+        );
+        let steer = Steer {
+            mode: tofy::conditioning::CondMode::Prefix,
+            format: Default::default(),
+            conditioning: None,
+            rows: Some(projector.project(vector).unwrap()),
+            world_time: Default::default(),
+        };
+        let (p, _) = nll_of(engine.decoder(), &request(engine.apply(&steer, user)));
+        none += n;
+        prefix += p;
+        tokens += t;
+    }
+    let got = |mode: &str| report["modes"][mode]["nll"].as_f64().unwrap();
+    assert_eq!(report["modes"]["none"]["tokens"], tokens);
+    assert!((got("none") - none / tokens as f64).abs() < 1e-9);
+    assert!((got("prefix") - prefix / tokens as f64).abs() < 1e-9);
+
+    // Fewer than two pairs cannot be mismatched: one clear line.
+    let one = dir.path().join("one.tsv");
+    pairs::write(&one, &pairs[..1]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", one.to_str().unwrap()])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .output()
+        .unwrap();
+    let line = common::fails(out);
+    assert!(line.contains("at least 2 pairs"), "{line}");
+}
