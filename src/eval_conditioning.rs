@@ -89,6 +89,8 @@ pub struct EvalOptions {
     pub parallel: usize,
     /// The text format of the text modes.
     pub format: CondFormat,
+    /// Called with (pairs scored, pairs) after each pair.
+    pub progress: Option<fn(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -259,6 +261,7 @@ pub fn score_pairs(
     };
     let results: Mutex<Vec<Option<PairScores>>> = Mutex::new(vec![None; pairs.len()]);
     let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
     let failure: Mutex<Option<EvalError>> = Mutex::new(None);
     // Workers take whole pairs, so one pair's modes run back to back in
     // one sequence and share what prefix they share.
@@ -271,7 +274,13 @@ pub fn score_pairs(
                         return;
                     }
                     match score_pair(&ctx, i, &pairs[i], end_of_turn) {
-                        Ok(scores) => results.lock().expect("lock")[i] = Some(scores),
+                        Ok(scores) => {
+                            results.lock().expect("lock")[i] = Some(scores);
+                            let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
+                            if let Some(progress) = &options.progress {
+                                progress(finished, pairs.len());
+                            }
+                        }
                         Err(err) => {
                             failure.lock().expect("lock").get_or_insert(err);
                             return;
@@ -416,6 +425,7 @@ mod tests {
             resamples: 2000,
             parallel: 1,
             format: CondFormat::Chunks,
+            progress: None,
         };
         let r = report(&scores, &options, "g".into(), "p".into());
         assert!((r.modes["none"].nll - 25.0 / 10.0).abs() < 1e-12);

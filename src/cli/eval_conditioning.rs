@@ -80,6 +80,12 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         resamples: args.resamples as usize,
         parallel: args.parallel as usize,
         format: args.decoder.cond_format,
+        progress: Some(|done, all| {
+            // A line per tenth: the run takes minutes on a CPU.
+            if done * 10 / all != (done - 1) * 10 / all {
+                eprintln!("eval-conditioning: {done}/{all} pairs scored");
+            }
+        }),
     };
     eprintln!(
         "eval-conditioning: {} pairs of {} x {} modes",
