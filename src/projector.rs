@@ -193,6 +193,33 @@ impl Projector {
         }
     }
 
+    /// A projector from its parts: `weight` `[k * n_embd][bridge_dim]`
+    /// row-major, `bias` `k * n_embd`. Panics on lengths that disagree.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        k: usize,
+        n_embd: usize,
+        bridge_dim: usize,
+        row_norm: Option<f32>,
+        gguf_name: &str,
+        source: String,
+    ) -> Self {
+        assert_eq!(weight.len(), k * n_embd * bridge_dim, "weight length");
+        assert_eq!(bias.len(), k * n_embd, "bias length");
+        Self {
+            weight,
+            bias,
+            k,
+            n_embd,
+            bridge_dim,
+            row_norm,
+            gguf_name: gguf_name.to_string(),
+            source,
+        }
+    }
+
     /// Writes the projector (atomically, as checkpoints are).
     pub fn save(&self, path: &Path, description: &str) -> Result<(), ProjectorError> {
         let mut meta = HashMap::from([

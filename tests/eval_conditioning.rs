@@ -133,3 +133,51 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let line = common::fails(out);
     assert!(line.contains("at least 2 pairs"), "{line}");
 }
+
+#[test]
+fn fit_projector_writes_a_projector_the_engine_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.tsv");
+    let pairs: Vec<Pair> = PAIRS
+        .iter()
+        .map(|(c, n)| Pair {
+            context: c.to_string(),
+            next: n.to_string(),
+        })
+        .collect();
+    pairs::write(&path, &pairs).unwrap();
+    let out_file = dir.path().join("fitted.safetensors");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tofy"))
+            .args(["fit-projector", path.to_str().unwrap()])
+            .args(["--out", out_file.to_str().unwrap()])
+            .args(extra)
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .env("JEPA_DECODER_THREADS", "1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--k", "2", "--ridge", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Projector::load(&out_file).unwrap();
+    assert_eq!((p.k(), p.n_embd(), p.bridge_dim()), (2, 576, 256));
+    assert_eq!(p.gguf_name(), "SmolLM2-135M-Instruct.Q4_1.gguf");
+    // Different contexts get different rows, each at the token-row norm.
+    let world = WorldModel::load_default(&LoadOptions::default()).unwrap();
+    let a = p
+        .project(&world.condition(PAIRS[0].0).unwrap().vector)
+        .unwrap();
+    let b = p
+        .project(&world.condition(PAIRS[1].0).unwrap().vector)
+        .unwrap();
+    assert_ne!(a, b);
+    let norm = a.row(0).iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 3.1539).abs() < 1e-3, "{norm}");
+
+    let line = common::fails(run(&["--ridge", "-1"]));
+    assert!(line.contains("--ridge must be"), "{line}");
+}

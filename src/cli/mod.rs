@@ -5,6 +5,7 @@ mod agent;
 mod condition;
 mod decoder_args;
 mod eval_conditioning;
+mod fit_projector;
 mod projector;
 mod serve;
 mod train;
@@ -45,6 +46,8 @@ enum Command {
     RandomProjector(projector::RandomProjectorArgs),
     /// Does the conditioning help? The decoder's NLL of held-out replies under each mode.
     EvalConditioning(eval_conditioning::EvalConditioningArgs),
+    /// Fit a projector (world vector -> K embedding rows) by ridge regression.
+    FitProjector(fit_projector::FitProjectorArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -109,6 +112,7 @@ where
         Command::Serve(args) => serve::run(args),
         Command::RandomProjector(args) => projector::run(args),
         Command::EvalConditioning(args) => eval_conditioning::run(args),
+        Command::FitProjector(args) => fit_projector::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),

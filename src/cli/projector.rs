@@ -75,7 +75,7 @@ pub fn run(args: RandomProjectorArgs) -> anyhow::Result<()> {
 }
 
 /// The median L2 norm of the table's rows: where real token embeddings sit.
-fn median_row_norm(table: &TokenEmbeddings) -> anyhow::Result<f32> {
+pub(crate) fn median_row_norm(table: &TokenEmbeddings) -> anyhow::Result<f32> {
     let mut row = vec![0.0; table.width()];
     let mut norms = Vec::with_capacity(table.n_vocab());
     for token in 0..table.n_vocab() {
