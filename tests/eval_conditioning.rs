@@ -28,15 +28,9 @@ const PAIRS: [(&str, &str); 8] = [
     ("how was your day", "long, but it ended well"),
 ];
 
-fn nll_of(decoder: &dyn Decoder, request: &ScoreRequest) -> (f64, usize) {
-    let s = decoder.score(request).unwrap();
-    (-s.logprobs.iter().sum::<f64>(), s.tokens.len())
-}
-
-#[test]
-fn every_mode_is_reported_and_equals_the_decoders_own_score() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pairs.tsv");
+/// The eight pairs, written as `dir/pairs.tsv`.
+fn write_pairs(dir: &std::path::Path) -> (std::path::PathBuf, Vec<Pair>) {
+    let path = dir.join("pairs.tsv");
     let pairs: Vec<Pair> = PAIRS
         .iter()
         .map(|(c, n)| Pair {
@@ -45,6 +39,18 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
         })
         .collect();
     pairs::write(&path, &pairs).unwrap();
+    (path, pairs)
+}
+
+fn nll_of(decoder: &dyn Decoder, request: &ScoreRequest) -> (f64, usize) {
+    let s = decoder.score(request).unwrap();
+    (-s.logprobs.iter().sum::<f64>(), s.tokens.len())
+}
+
+#[test]
+fn every_mode_is_reported_and_equals_the_decoders_own_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pairs) = write_pairs(dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "8"])
         .args(["--json", "--parallel", "2", "--resamples", "200"])
@@ -137,15 +143,7 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
 #[test]
 fn fit_projector_writes_a_projector_the_engine_takes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pairs.tsv");
-    let pairs: Vec<Pair> = PAIRS
-        .iter()
-        .map(|(c, n)| Pair {
-            context: c.to_string(),
-            next: n.to_string(),
-        })
-        .collect();
-    pairs::write(&path, &pairs).unwrap();
+    let (path, _) = write_pairs(dir.path());
     let out_file = dir.path().join("fitted.safetensors");
     let run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_tofy"))

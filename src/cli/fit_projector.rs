@@ -31,7 +31,12 @@ pub struct FitProjectorArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     k: u32,
     /// Ridge weight lambda on the map (the intercept is not penalised).
-    #[arg(long, default_value_t = 10.0, value_name = "L", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        value_name = "L",
+        allow_negative_numbers = true
+    )]
     ridge: f64,
     /// L2 norm of each output row [default: the median norm of the GGUF's token rows].
     #[arg(long, value_name = "F")]

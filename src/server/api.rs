@@ -61,8 +61,8 @@ pub struct StreamOptions {
 pub struct TofyOptions {
     #[serde(default)]
     pub ablate_conditioning: bool,
-    pub cond_format: Option<CondFormatName>,
-    pub cond_mode: Option<CondModeName>,
+    pub cond_format: Option<ByName<CondFormat>>,
+    pub cond_mode: Option<ByName<CondMode>>,
     /// Rows that replace the world model's (prefix mode).
     pub prefix_embeddings: Option<Value>,
     /// A world vector (bridge_dim floats) that skips the world model and
@@ -72,22 +72,16 @@ pub struct TofyOptions {
     pub return_conditioning: bool,
 }
 
-/// A conditioning mode by name, with the error naming the choices.
+/// A value given by name (a conditioning mode or format), parsed with its
+/// `FromStr`, whose error names the choices.
 #[derive(Debug, Clone, Copy)]
-pub struct CondModeName(pub CondMode);
+pub struct ByName<T>(pub T);
 
-impl<'de> Deserialize<'de> for CondModeName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        name.parse().map(Self).map_err(serde::de::Error::custom)
-    }
-}
-
-/// A conditioning format by name, with the error naming the choices.
-#[derive(Debug, Clone, Copy)]
-pub struct CondFormatName(pub CondFormat);
-
-impl<'de> Deserialize<'de> for CondFormatName {
+impl<'de, T> Deserialize<'de> for ByName<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
         name.parse().map(Self).map_err(serde::de::Error::custom)
