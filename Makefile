@@ -7,6 +7,8 @@ CARGO    ?= cargo
 FEATURES := --features train
 TOFY     := target/release/tofy
 PROMPT   ?= write a short gpu recommendation
+# The demo's reply length: a short recommendation, not infer-agent's 4096-token default.
+DEMO_TOKENS ?= 256
 CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -15,7 +17,7 @@ GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
-	$(TOFY) infer-agent "$(PROMPT)"
+	$(TOFY) infer-agent "$(PROMPT)" --max-new-tokens $(DEMO_TOKENS)
 
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
 test: setup models clients
