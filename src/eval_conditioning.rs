@@ -163,10 +163,7 @@ fn steer(mode: EvalMode, i: usize, ctx: &Steers<'_>) -> Result<Steer, EngineErro
         world_time: Default::default(),
     };
     let prefix = |v: &[f32]| -> Result<Steer, EngineError> {
-        let projector = ctx.engine.projector().ok_or(EngineError::NoProjector {
-            model: String::new(),
-            width: ctx.engine.decoder().input_width().unwrap_or(0),
-        })?;
+        let projector = ctx.engine.prefix_projector()?;
         Ok(Steer {
             mode: CondMode::Prefix,
             format: ctx.format,

@@ -181,16 +181,16 @@ impl Projector {
         let weight = (0..k * n_embd * bridge_dim)
             .map(|_| rng.random_range(-bound..bound))
             .collect();
-        Self {
+        Self::from_parts(
             weight,
-            bias: vec![0.0; k * n_embd],
+            vec![0.0; k * n_embd],
             k,
             n_embd,
             bridge_dim,
-            row_norm: Some(row_norm),
-            gguf_name: gguf_name.to_string(),
-            source: format!("random projector (seed {seed})"),
-        }
+            Some(row_norm),
+            gguf_name,
+            format!("random projector (seed {seed})"),
+        )
     }
 
     /// A projector from its parts: `weight` `[k * n_embd][bridge_dim]`

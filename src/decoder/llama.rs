@@ -125,9 +125,8 @@ enum Event {
 pub struct LlamaDecoder {
     jobs: Option<mpsc::Sender<Job>>,
     worker: Option<JoinHandle<()>>,
-    model_path: PathBuf,
-    context_size: usize,
-    /// The model itself, shared with the worker: tokenizing needs no slot.
+    /// The model itself (its path and context size with it), shared with
+    /// the worker: tokenizing needs no slot.
     model: Arc<Loaded>,
     /// Slots generating or reading a prompt, as the worker last saw them.
     active: Arc<AtomicUsize>,
@@ -139,7 +138,6 @@ impl LlamaDecoder {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
-        let model_path = path.to_path_buf();
         // The model is `Send + Sync`; only the context must stay on the worker.
         let model = Arc::new(Loaded::open(path, config)?);
         let (worker_model, worker_config, worker_active) =
@@ -158,11 +156,9 @@ impl LlamaDecoder {
                 );
             })?;
         match ready_rx.recv() {
-            Ok(Ok(context_size)) => Ok(Self {
+            Ok(Ok(())) => Ok(Self {
                 jobs: Some(jobs_tx),
                 worker: Some(worker),
-                model_path,
-                context_size,
                 model,
                 active,
             }),
@@ -195,11 +191,11 @@ impl Decoder for LlamaDecoder {
     }
 
     fn model_path(&self) -> Option<&Path> {
-        Some(&self.model_path)
+        Some(&self.model.path)
     }
 
     fn context_size(&self) -> Option<usize> {
-        Some(self.context_size)
+        Some(self.model.context_size)
     }
 
     fn active_sequences(&self) -> Option<usize> {
@@ -324,7 +320,7 @@ impl LlamaDecoder {
 fn run_worker(
     loaded: &Loaded,
     config: &DecoderConfig,
-    ready: &mpsc::Sender<Result<usize, DecoderError>>,
+    ready: &mpsc::Sender<Result<(), DecoderError>>,
     jobs: &mpsc::Receiver<Job>,
     active: &AtomicUsize,
 ) {
@@ -335,7 +331,7 @@ fn run_worker(
             return;
         }
     };
-    if ready.send(Ok(loaded.context_size)).is_err() {
+    if ready.send(Ok(())).is_err() {
         return;
     }
     Scheduler::new(loaded, context, config.parallel, active).run(jobs);

@@ -156,7 +156,7 @@ impl Engine {
             projector,
         };
         if settings.mode == CondMode::Prefix {
-            engine.projector_for_prefix()?;
+            engine.prefix_projector()?;
         }
         Ok(engine)
     }
@@ -178,7 +178,7 @@ impl Engine {
     }
 
     /// The projector, or why prefix mode cannot run here.
-    fn projector_for_prefix(&self) -> Result<&Projector, EngineError> {
+    pub fn prefix_projector(&self) -> Result<&Projector, EngineError> {
         let Some(width) = self.decoder.input_width() else {
             return Err(EngineError::NoEmbeddingInput {
                 backend: self.decoder.backend().name(),
@@ -220,7 +220,7 @@ impl Engine {
             if let Some(width) = self.decoder.input_width() {
                 rows.check_width(width)?;
             } else {
-                self.projector_for_prefix()?;
+                self.prefix_projector()?;
             }
             steer.rows = Some(rows.clone());
             return Ok(steer);
@@ -231,7 +231,7 @@ impl Engine {
             } else {
                 vector.clone()
             };
-            steer.rows = Some(self.projector_for_prefix()?.project(&vector)?);
+            steer.rows = Some(self.prefix_projector()?.project(&vector)?);
             steer.conditioning = Some(Conditioning {
                 vector,
                 world_tokens: 0,
@@ -243,7 +243,7 @@ impl Engine {
             return Ok(steer);
         }
         let projector = match mode {
-            CondMode::Prefix => Some(self.projector_for_prefix()?),
+            CondMode::Prefix => Some(self.prefix_projector()?),
             _ => None,
         };
         let start = Instant::now();

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, State, read_json};
+use crate::decoder::{Decoder, DecoderError};
 
 #[derive(Deserialize)]
 pub(crate) struct TokenizeRequest {
@@ -28,14 +29,7 @@ pub(crate) async fn tokenize(
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
     let body: TokenizeRequest = read_json(&req, payload).await?;
-    let tokens = web::block(move || {
-        state
-            .decoder()?
-            .tokenize(&body.content, body.add_special)
-            .map_err(ApiError::from)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("tokenizer thread: {e}")))??;
+    let tokens = with_decoder(state, move |d| d.tokenize(&body.content, body.add_special)).await?;
     Ok(HttpResponse::Ok().json(json!({ "tokens": tokens })))
 }
 
@@ -46,13 +40,17 @@ pub(crate) async fn detokenize(
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
     let body: DetokenizeRequest = read_json(&req, payload).await?;
-    let content = web::block(move || {
-        state
-            .decoder()?
-            .detokenize(&body.tokens)
-            .map_err(ApiError::from)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("tokenizer thread: {e}")))??;
+    let content = with_decoder(state, move |d| d.detokenize(&body.tokens)).await?;
     Ok(HttpResponse::Ok().json(json!({ "content": content })))
+}
+
+/// Runs `f` on the decoder on a blocking thread: the tokenizer is CPU work
+/// that must not hold up the server's async workers.
+async fn with_decoder<T: Send + 'static>(
+    state: web::Data<State>,
+    f: impl FnOnce(&dyn Decoder) -> Result<T, DecoderError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(move || f(state.decoder()?).map_err(ApiError::from))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer thread: {e}")))?
 }
