@@ -273,6 +273,9 @@ fn the_split_fallback_gives_the_same_replies() {
         },
     )
     .unwrap();
+    // SmolLM2 (llama) mixes; the config forces the fallback.
+    assert!(!mixed.splits_mixed_batches());
+    assert!(split.splits_mixed_batches());
     let table = table();
     let tokens = mixed.tokenize(TEXT, false).unwrap();
     let half = tokens.len() / 2;

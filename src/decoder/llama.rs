@@ -295,6 +295,14 @@ impl Decoder for LlamaDecoder {
 }
 
 impl LlamaDecoder {
+    /// Whether each step evaluates tokens and embedding rows in separate
+    /// batches (architectures that refuse the mix, or
+    /// `DecoderConfig::split_mixed_batches`); the scheduler's passes follow
+    /// this.
+    pub fn splits_mixed_batches(&self) -> bool {
+        !self.model.mixed_batches
+    }
+
     /// Queues `work` on the worker; its events come back on the receiver.
     fn submit(
         &self,
