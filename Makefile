@@ -54,6 +54,7 @@ bench: setup
 	$(CARGO) bench --locked $(FEATURES)
 
 ## data: fetch the chitchat corpus (PyPI chitchat-dataset, MIT) and write the pairs files
+##       (training, .heldout, and the training pairs again as .fit + .valid)
 data: $(PAIRS)
 $(CHITCHAT):
 	mkdir -p data/chitchat

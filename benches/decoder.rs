@@ -75,6 +75,7 @@ fn main() {
             stop: Vec::new(),
             ignore_eos: true,
             cancel: None,
+            control: None,
         };
         let g = decoder
             .generate(&request, &mut |_| ControlFlow::Continue(()))

@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             prompt: prompt.clone(),
             continuation: REPLY.to_string(),
             cancel: None,
+            control: None,
         })?;
         println!(
             "  {name:<40} {:.3} over {} tokens (prompt {} positions)",

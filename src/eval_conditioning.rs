@@ -28,8 +28,9 @@ use crate::decoder::{ChatMessage, DecoderError, Role, ScoreRequest};
 use crate::engine::{Engine, EngineError, Steer};
 
 /// What the decoder sees before the user turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum EvalMode {
     /// No conditioning message.
     None,
@@ -44,16 +45,21 @@ pub enum EvalMode {
     /// The projector's rows of the mean vector: a steer with nothing
     /// specific to the pair.
     MeanPrefix,
+    /// The projector's rows of `bridge(encoder(true reply))`: what a
+    /// perfect transition would predict, an upper bound on what the channel
+    /// carries (it reads the answer, so it is never a mode to serve).
+    OraclePrefix,
 }
 
 impl EvalMode {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::None,
         Self::Text,
         Self::MismatchedText,
         Self::Prefix,
         Self::MismatchedPrefix,
         Self::MeanPrefix,
+        Self::OraclePrefix,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,23 +70,29 @@ impl EvalMode {
             Self::Prefix => "prefix",
             Self::MismatchedPrefix => "mismatched_prefix",
             Self::MeanPrefix => "mean_prefix",
+            Self::OraclePrefix => "oracle_prefix",
         }
     }
 }
 
 /// The differences reported, `a - b`: negative means `a` expects the true
-/// reply more.
-pub const PAIRED: [(EvalMode, EvalMode); 5] = [
+/// reply more. Only those whose two modes were both scored are reported.
+pub const PAIRED: [(EvalMode, EvalMode); 7] = [
     (EvalMode::Prefix, EvalMode::None),
     (EvalMode::Prefix, EvalMode::MismatchedPrefix),
     (EvalMode::Prefix, EvalMode::MeanPrefix),
     (EvalMode::Text, EvalMode::None),
     (EvalMode::Text, EvalMode::MismatchedText),
+    (EvalMode::OraclePrefix, EvalMode::None),
+    (EvalMode::OraclePrefix, EvalMode::MismatchedPrefix),
 ];
 
 /// How an evaluation runs.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
+    /// The modes scored, in [`EvalMode::ALL`]'s order (a validation search
+    /// scores only the prefix modes, to save time).
+    pub modes: Vec<EvalMode>,
     /// Seed of the pair sample, the derangement and the bootstrap.
     pub seed: u64,
     /// Bootstrap resamples.
@@ -185,6 +197,7 @@ fn steer(mode: EvalMode, i: usize, ctx: &Steers<'_>) -> Result<Steer, EngineErro
         EvalMode::Prefix => prefix(&ctx.vectors[i])?,
         EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
         EvalMode::MeanPrefix => prefix(ctx.mean)?,
+        EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
     })
 }
 
@@ -193,6 +206,9 @@ struct Steers<'a> {
     vectors: &'a [Vec<f32>],
     other: &'a [usize],
     mean: &'a [f32],
+    /// `bridge(encoder(reply))` per pair; empty unless the oracle is scored.
+    oracle: &'a [Vec<f32>],
+    modes: &'a [EvalMode],
     format: CondFormat,
 }
 
@@ -209,6 +225,7 @@ pub fn score_request(
         prompt: engine.apply(steer, conversation),
         continuation: format!("{}{end_of_turn}", pair.next),
         cancel: None,
+        control: None,
     }
 }
 
@@ -248,12 +265,26 @@ pub fn score_pairs(
             *m += x / vectors.len() as f32;
         }
     }
+    let oracle: Vec<Vec<f32>> = if options.modes.contains(&EvalMode::OraclePrefix) {
+        let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
+        engine
+            .world()
+            .encode_as_conditioning(&replies)
+            .map_err(EngineError::from)?
+            .into_iter()
+            .map(|c| c.vector)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let other = derangement(pairs.len(), options.seed);
     let ctx = Steers {
         engine,
         vectors: &vectors,
         other: &other,
         mean: &mean,
+        oracle: &oracle,
+        modes: &options.modes,
         format: options.format,
     };
     let results: Mutex<Vec<Option<PairScores>>> = Mutex::new(vec![None; pairs.len()]);
@@ -306,7 +337,7 @@ fn score_pair(
 ) -> Result<PairScores, EvalError> {
     let mut nll = BTreeMap::new();
     let mut tokens = 0;
-    for mode in EvalMode::ALL {
+    for &mode in ctx.modes {
         let steer = steer(mode, i, ctx)?;
         let request = score_request(ctx.engine, &steer, pair, end_of_turn);
         let score = ctx
@@ -329,7 +360,8 @@ pub fn report(
     projector: String,
 ) -> EvalReport {
     let total_tokens: usize = scores.iter().map(|s| s.tokens).sum();
-    let modes = EvalMode::ALL
+    let modes = options
+        .modes
         .iter()
         .map(|&m| {
             let nll: f64 = scores.iter().map(|s| s.nll[&m]).sum();
@@ -352,6 +384,7 @@ pub fn report(
         .collect();
     let paired = PAIRED
         .iter()
+        .filter(|(a, b)| options.modes.contains(a) && options.modes.contains(b))
         .map(|&(a, b)| {
             let diff = |idx: &mut dyn Iterator<Item = usize>| {
                 let (mut d, mut t) = (0.0, 0usize);
@@ -418,6 +451,7 @@ mod tests {
         };
         let scores = vec![pair(10.0, 8.0, 4), pair(6.0, 6.0, 2), pair(9.0, 5.0, 4)];
         let options = EvalOptions {
+            modes: EvalMode::ALL.to_vec(),
             seed: 0,
             resamples: 2000,
             parallel: 1,
@@ -431,5 +465,16 @@ mod tests {
         assert!((d.mean + 0.6).abs() < 1e-12, "{d:?}");
         assert!(d.lo <= d.mean && d.mean <= d.hi && d.hi <= 0.0, "{d:?}");
         assert_eq!(r.paired["prefix-none"].mean, 0.0);
+
+        let only = EvalOptions {
+            modes: vec![EvalMode::None, EvalMode::Text],
+            ..options
+        };
+        let r = report(&scores, &only, "g".into(), "p".into());
+        assert_eq!(
+            r.modes.keys().copied().collect::<Vec<_>>(),
+            ["none", "text"]
+        );
+        assert_eq!(r.paired.keys().collect::<Vec<_>>(), ["text-none"]);
     }
 }

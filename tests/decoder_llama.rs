@@ -310,6 +310,7 @@ fn a_request_given_up_while_queued_never_starts() {
     let cancel = Arc::new(AtomicBool::new(false));
     let abandoned = GenerateRequest {
         cancel: Some(Arc::clone(&cancel)),
+        control: None,
         ..request(&"word ".repeat(300), 4)
     };
     std::thread::scope(|scope| {

@@ -208,6 +208,7 @@ fn rows_give_the_same_greedy_reply_and_score_as_tokens() {
                     prompt: p.clone(),
                     continuation: continuation.clone(),
                     cancel: None,
+                    control: None,
                 })
                 .unwrap()
         })
@@ -244,6 +245,7 @@ fn rows_give_the_same_greedy_reply_and_score_as_tokens() {
             prompt: prompts[2].clone(),
             continuation,
             cancel: None,
+            control: None,
         })
         .unwrap();
     assert_eq!(
@@ -258,6 +260,7 @@ fn rows_give_the_same_greedy_reply_and_score_as_tokens() {
         prompt: prompts[0].clone(),
         continuation: String::new(),
         cancel: None,
+        control: None,
     });
     assert!(matches!(empty, Err(DecoderError::EmptyContinuation)));
 }

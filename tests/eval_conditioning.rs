@@ -87,6 +87,13 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
         .iter()
         .map(|(c, _)| world.condition(c).unwrap().vector)
         .collect();
+    let replies: Vec<&str> = PAIRS.iter().map(|(_, r)| *r).collect();
+    let oracles: Vec<Vec<f32>> = world
+        .encode_as_conditioning(&replies)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.vector)
+        .collect();
     let config = DecoderConfig {
         ctx: 1024,
         threads: 1,
@@ -98,34 +105,69 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     assert_eq!(eot, "<|im_end|>");
     let engine = Engine::new(world, Box::new(decoder), CondSettings::default(), None).unwrap();
     let projector = Projector::embedded();
-    let (mut none, mut prefix, mut tokens) = (0.0, 0.0, 0);
-    for ((context, reply), vector) in PAIRS.iter().zip(&vectors) {
+    let (mut none, mut prefix, mut oracle, mut tokens) = (0.0, 0.0, 0.0, 0);
+    for (((context, reply), vector), reply_vector) in PAIRS.iter().zip(&vectors).zip(&oracles) {
         let request = |prompt| ScoreRequest {
             prompt,
             continuation: format!("{reply}{eot}"),
             cancel: None,
+            control: None,
         };
         let user = vec![ChatMessage::new(Role::User, *context)];
         let (n, t) = nll_of(
             engine.decoder(),
             &request(tofy::decoder::Prompt::chat(user.clone())),
         );
-        let steer = Steer {
+        let rows_of = |v: &[f32]| Steer {
             mode: tofy::conditioning::CondMode::Prefix,
             format: Default::default(),
             conditioning: None,
-            rows: Some(projector.project(vector).unwrap()),
+            rows: Some(projector.project(v).unwrap()),
             world_time: Default::default(),
         };
-        let (p, _) = nll_of(engine.decoder(), &request(engine.apply(&steer, user)));
+        let (p, _) = nll_of(
+            engine.decoder(),
+            &request(engine.apply(&rows_of(vector), user.clone())),
+        );
+        let (o, _) = nll_of(
+            engine.decoder(),
+            &request(engine.apply(&rows_of(reply_vector), user)),
+        );
         none += n;
         prefix += p;
+        oracle += o;
         tokens += t;
     }
     let got = |mode: &str| report["modes"][mode]["nll"].as_f64().unwrap();
     assert_eq!(report["modes"]["none"]["tokens"], tokens);
     assert!((got("none") - none / tokens as f64).abs() < 1e-9);
     assert!((got("prefix") - prefix / tokens as f64).abs() < 1e-9);
+    assert!((got("oracle_prefix") - oracle / tokens as f64).abs() < 1e-9);
+
+    // --modes scores only those, and reports only the differences of two
+    // scored modes.
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+        .args([
+            "--json",
+            "--resamples",
+            "100",
+            "--modes",
+            "oracle_prefix,none",
+        ])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let small: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&small["modes"]), ["none", "oracle_prefix"]);
+    assert_eq!(keys(&small["paired"]), ["oracle_prefix-none"]);
 
     // Fewer than two pairs cannot be mismatched: one clear line.
     let one = dir.path().join("one.tsv");

@@ -318,6 +318,19 @@ fn prepare_chitchat_on_a_synthetic_dataset() {
         held, "hi 19 there\thello\nhello\tbye now\n",
         "every 20th conversation is held out"
     );
+    // The 19 training conversations: the 10th (c09) validates, the rest fit.
+    assert_eq!((done.fit_pairs, done.valid_pairs), (36, 2));
+    let valid = std::fs::read_to_string(dir.path().join("pairs.valid.tsv")).unwrap();
+    assert_eq!(valid, "hi 9 there\thello\nhello\tbye now\n");
+    let fit = std::fs::read_to_string(dir.path().join("pairs.fit.tsv")).unwrap();
+    let mut lines: Vec<&str> = fit.lines().chain(valid.lines()).collect();
+    let mut train_lines: Vec<&str> = train_text.lines().collect();
+    lines.sort_unstable();
+    train_lines.sort_unstable();
+    assert_eq!(
+        lines, train_lines,
+        "fit and valid make up the training file"
+    );
 }
 
 #[test]

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{config, max_relative_error, reference_forward, reference_ids, write_checkpoint};
+use common::{
+    config, max_relative_error, reference_bridge_of_latent, reference_forward, reference_ids,
+    write_checkpoint,
+};
 use tofy::world::{LoadOptions, WorldConfig, WorldModel, WorldOverrides};
 
 const TOLERANCE: f64 = 1e-5;
@@ -149,6 +152,24 @@ fn deterministic_and_weights_really_loaded() {
         first.vector, changed.vector,
         "one changed weight must change the vector"
     );
+}
+
+#[test]
+fn encode_as_conditioning_is_the_bridge_of_the_texts_own_latent() {
+    // eval-conditioning's oracle: the transition is skipped.
+    let cfg = config(32, 2, 4, 16, 40, 24);
+    let dir = tempfile::tempdir().unwrap();
+    let w = write_checkpoint(dir.path(), &cfg, 11, true);
+    let model = WorldModel::load(&w.model, &w.vocab, &LoadOptions::default()).unwrap();
+    let got = model.encode_as_conditioning(PROMPTS).unwrap();
+    let through = model.condition_batch(PROMPTS).unwrap();
+    for ((prompt, got), through) in PROMPTS.iter().zip(&got).zip(&through) {
+        let ids = reference_ids(&w.vocab, prompt, cfg.max_seq);
+        let want = reference_bridge_of_latent(&w.tensors, &cfg, &ids);
+        let err = max_relative_error(&got.vector, &want);
+        assert!(err <= TOLERANCE, "{prompt:?}: max relative error {err:e}");
+        assert_ne!(got.vector, through.vector, "the transition is skipped");
+    }
 }
 
 #[test]

@@ -39,6 +39,10 @@ pub struct EvalConditioningArgs {
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: u32,
+    /// Modes to score, comma-separated [default: all of them]. Paired
+    /// differences are reported where both of their modes were scored.
+    #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
+    modes: Vec<ec::EvalMode>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -75,7 +79,15 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
             decoder.backend().name()
         )
     })?;
+    let mut modes = if args.modes.is_empty() {
+        ec::EvalMode::ALL.to_vec()
+    } else {
+        args.modes.clone()
+    };
+    modes.sort_unstable();
+    modes.dedup();
     let options = EvalOptions {
+        modes,
         seed: args.seed,
         resamples: args.resamples as usize,
         parallel: args.parallel as usize,
@@ -91,7 +103,7 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         "eval-conditioning: {} pairs of {} x {} modes",
         picked.len(),
         args.pairs.display(),
-        ec::EvalMode::ALL.len()
+        options.modes.len()
     );
     let scores = ec::score_pairs(&engine, &picked, &end_of_turn, &options)?;
     let report = ec::report(
@@ -113,10 +125,13 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "{} pairs, {} reply tokens; decoder {}; projector {}",
-        report.n, report.modes["none"].tokens, report.gguf, report.projector
+        report.n,
+        report.modes.values().next().map_or(0, |m| m.tokens),
+        report.gguf,
+        report.projector
     )?;
     writeln!(out, "\n| mode | NLL per reply token |\n|---|---:|")?;
-    for mode in ec::EvalMode::ALL {
+    for mode in &options.modes {
         writeln!(
             out,
             "| {} | {:.4} |",

@@ -16,7 +16,9 @@ const DEFAULT_DATASET: &str = "data/chitchat/chitchat_dataset/dataset.json";
 
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
-    /// Output pairs file; the held-out split is written beside it as `<name>.heldout.tsv`.
+    /// Output pairs file; the held-out split is written beside it as
+    /// `<name>.heldout.tsv`, and the training pairs once more as
+    /// `<name>.fit.tsv` + `<name>.valid.tsv` (for choosing hyper-parameters).
     #[arg(default_value = "data/chitchat_pairs.tsv")]
     out: PathBuf,
     /// The corpus: `dataset.json` of the PyPI package chitchat-dataset (`make data` fetches it).
@@ -34,6 +36,14 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
         done.heldout_pairs,
         chitchat::HELD_OUT_EVERY,
         done.heldout_path.display()
+    );
+    println!(
+        "the training pairs split again for hyper-parameter choices: {} in {}, {} (every {}th training conversation) in {}",
+        done.fit_pairs,
+        done.fit_path.display(),
+        done.valid_pairs,
+        chitchat::VALID_EVERY,
+        done.valid_path.display()
     );
     Ok(())
 }

@@ -7,6 +7,11 @@
 //! turn is the context of the next. Conversations are taken in key order
 //! (deterministic), and every [`HELD_OUT_EVERY`]th one goes to the held-out
 //! file, so evaluation never sees a training dialogue.
+//!
+//! The training conversations are also split once more, for choosing
+//! hyper-parameters without touching the held-out pairs: every
+//! [`VALID_EVERY`]th training conversation goes to `<name>.valid.tsv`, the
+//! rest to `<name>.fit.tsv` (so `fit` ∪ `valid` = the training file).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,8 @@ use super::pairs::{self, Pair};
 
 /// One conversation in this many is held out.
 pub const HELD_OUT_EVERY: usize = 20;
+/// One training conversation in this many is a validation conversation.
+pub const VALID_EVERY: usize = 10;
 
 #[derive(Deserialize)]
 struct Conversation {
@@ -34,13 +41,22 @@ struct Message {
 pub struct Prepared {
     pub train_path: PathBuf,
     pub heldout_path: PathBuf,
+    pub fit_path: PathBuf,
+    pub valid_path: PathBuf,
     pub conversations: usize,
     pub train_pairs: usize,
     pub heldout_pairs: usize,
+    pub fit_pairs: usize,
+    pub valid_pairs: usize,
 }
 
 /// The held-out file that goes beside `out`: `x.tsv` → `x.heldout.tsv`.
 pub fn heldout_path(out: &Path) -> PathBuf {
+    split_path(out, "heldout")
+}
+
+/// `x.tsv` → `x.<split>.tsv`.
+fn split_path(out: &Path, split: &str) -> PathBuf {
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -49,11 +65,12 @@ pub fn heldout_path(out: &Path) -> PathBuf {
         .extension()
         .map(|e| e.to_string_lossy().into_owned())
         .unwrap_or_else(|| "tsv".into());
-    out.with_file_name(format!("{stem}.heldout.{ext}"))
+    out.with_file_name(format!("{stem}.{split}.{ext}"))
 }
 
-/// Reads `dataset` and writes the training pairs to `out` and the held-out
-/// pairs beside it (see [`heldout_path`]).
+/// Reads `dataset` and writes the training pairs to `out`, and the held-out,
+/// fit and validation pairs beside it (`<name>.heldout.tsv`, `.fit.tsv`,
+/// `.valid.tsv`).
 pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
     let bytes = std::fs::read(dataset).map_err(|e| DataError::io(dataset, e))?;
     let conversations: BTreeMap<String, Conversation> =
@@ -62,6 +79,8 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
             reason: e.to_string(),
         })?;
     let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    let (mut fit, mut valid) = (Vec::new(), Vec::new());
+    let mut training_conversations = 0;
     for (i, conversation) in conversations.values().enumerate() {
         let turns: Vec<String> = conversation
             .messages
@@ -75,15 +94,23 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
             })
             .filter(|t| !t.is_empty())
             .collect();
-        let target = if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
-            &mut heldout
-        } else {
-            &mut train
-        };
-        target.extend(turns.windows(2).map(|w| Pair {
+        let pairs = turns.windows(2).map(|w| Pair {
             context: w[0].clone(),
             next: w[1].clone(),
-        }));
+        });
+        if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
+            heldout.extend(pairs);
+            continue;
+        }
+        training_conversations += 1;
+        let start = train.len();
+        train.extend(pairs);
+        let split = if training_conversations % VALID_EVERY == 0 {
+            &mut valid
+        } else {
+            &mut fit
+        };
+        split.extend_from_slice(&train[start..]);
     }
     if train.is_empty() {
         return Err(DataError::Chitchat {
@@ -92,13 +119,20 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
         });
     }
     let heldout_path = heldout_path(out);
+    let (fit_path, valid_path) = (split_path(out, "fit"), split_path(out, "valid"));
     pairs::write(out, &train)?;
     pairs::write(&heldout_path, &heldout)?;
+    pairs::write(&fit_path, &fit)?;
+    pairs::write(&valid_path, &valid)?;
     Ok(Prepared {
         train_path: out.to_path_buf(),
         heldout_path,
+        fit_path,
+        valid_path,
         conversations: conversations.len(),
         train_pairs: train.len(),
         heldout_pairs: heldout.len(),
+        fit_pairs: fit.len(),
+        valid_pairs: valid.len(),
     })
 }

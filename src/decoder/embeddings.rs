@@ -137,7 +137,7 @@ impl PartialEq for Embeddings {
 
 /// The row's bits through SipHash with this process's random keys: a quick
 /// reject for rows that differ (equal hashes are then compared bit for bit).
-fn hash_row(row: &[f32]) -> u64 {
+pub(crate) fn hash_row(row: &[f32]) -> u64 {
     static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
     let mut hasher = KEYS.get_or_init(std::hash::RandomState::new).build_hasher();
     for v in row {

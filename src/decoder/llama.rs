@@ -43,11 +43,12 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
+use super::control::same_control;
 use super::stop::StopScanner;
 use super::{
-    BackendKind, CacheType, Decoder, DecoderConfig, DecoderError, EMBEDDINGS_MARKER, Embeddings,
-    FinishReason, GenerateRequest, Generation, Prompt, Role, Score, ScoreRequest, Segment, Sink,
-    prompt,
+    BackendKind, CacheType, ControlVector, Decoder, DecoderConfig, DecoderError, EMBEDDINGS_MARKER,
+    Embeddings, FinishReason, GenerateRequest, Generation, Prompt, Role, Score, ScoreRequest,
+    Segment, Sink, prompt,
 };
 use ffi::{BatchError, Evaluator};
 use sample::Picker;
@@ -303,6 +304,12 @@ impl LlamaDecoder {
         !self.model.mixed_batches
     }
 
+    /// What a control vector for this model must be: `(n_embd, n_layer)`;
+    /// it may cover layers `1..n_layer` (see [`ControlVector`]).
+    pub fn control_shape(&self) -> (usize, usize) {
+        (self.model.n_embd, self.model.n_layer)
+    }
+
     /// Queues `work` on the worker; its events come back on the receiver.
     fn submit(
         &self,
@@ -356,6 +363,9 @@ struct Loaded {
     context_size: usize,
     /// The width of an embedding row (`n_embd_inp`).
     width: usize,
+    /// Hidden size and layer count, which a control vector must fit.
+    n_embd: usize,
+    n_layer: usize,
     n_vocab: usize,
     /// Whether one batch may mix tokens and embedding rows (false for the
     /// architectures in `ffi::NO_MIXED_BATCH_ARCHS`, or when the config
@@ -379,6 +389,8 @@ impl Loaded {
         Ok(Self {
             backend,
             width: ffi::input_width(&model),
+            n_embd: usize::try_from(model.n_embd()).unwrap_or(0),
+            n_layer: model.n_layer() as usize,
             n_vocab: usize::try_from(model.n_vocab()).unwrap_or(0),
             mixed_batches,
             model,
@@ -532,6 +544,13 @@ impl Loaded {
 
     /// A job's positions and stop strings, or why it cannot run.
     fn prepare(&self, work: &Work) -> Result<Prepared, DecoderError> {
+        let control = match work {
+            Work::Generate(request) => request.control.clone(),
+            Work::Score(request) => request.control.clone(),
+        };
+        if let Some(control) = &control {
+            control.check(self.n_embd, self.n_layer)?;
+        }
         match work {
             Work::Generate(request) => {
                 let (items, mut stops) = self.items(&request.prompt)?;
@@ -551,6 +570,7 @@ impl Loaded {
                     items,
                     stops,
                     continuation: None,
+                    control,
                 })
             }
             Work::Score(request) => {
@@ -578,6 +598,7 @@ impl Loaded {
                     items,
                     stops: Vec::new(),
                     continuation: Some(from),
+                    control,
                 })
             }
         }
@@ -613,6 +634,9 @@ struct Slot {
     seq: i32,
     /// What this sequence's cells hold, from position 0.
     cached: Vec<Item>,
+    /// The control vector those cells were computed under: a cell is only
+    /// the same item under the same vector.
+    cached_control: Option<ControlVector>,
     /// When it last took a job: the least recently used slot is reused first.
     used: u64,
     run: Option<Run>,
@@ -628,6 +652,8 @@ struct Run {
     /// Prompt items sent to the context so far (from `reused`).
     fed: usize,
     prompt_time: Option<Duration>,
+    /// This run's control vector: its rows are evaluated with it set.
+    control: Option<ControlVector>,
     task: Task,
 }
 
@@ -779,6 +805,8 @@ struct Scheduler<'m> {
     /// One pass per step, or tokens then rows where the architecture cannot
     /// mix them.
     passes: &'static [Pass],
+    /// The control vector set on the context now.
+    control: Option<ControlVector>,
     clock: u64,
     /// Runs in slots, published for metrics. Lowered before a run reports
     /// its end, so a caller that has its result never sees it counted.
@@ -796,6 +824,7 @@ impl<'m> Scheduler<'m> {
             .map(|seq| Slot {
                 seq: seq as i32,
                 cached: Vec::new(),
+                cached_control: None,
                 used: 0,
                 run: None,
             })
@@ -811,6 +840,7 @@ impl<'m> Scheduler<'m> {
             slots,
             queue: VecDeque::new(),
             passes,
+            control: None,
             clock: 0,
             active,
         }
@@ -829,10 +859,41 @@ impl<'m> Scheduler<'m> {
             self.queue.extend(jobs.try_iter());
             self.drop_cancelled();
             self.admit();
-            for &pass in self.passes {
-                self.step(pass);
+            for group in self.control_groups() {
+                if !same_control(self.control.as_ref(), group.as_ref()) {
+                    if let Err(err) = self.eval.set_control(group.as_ref(), self.loaded.n_layer) {
+                        self.fail_batch(&group, &err.to_string());
+                        continue;
+                    }
+                    self.control = group.clone();
+                }
+                for &pass in self.passes {
+                    self.step(pass, &group);
+                }
             }
         }
+    }
+
+    /// The distinct control vectors of the runs in slots, the one set on
+    /// the context first: one evaluation per vector per step, and one
+    /// switch per step when plain and steered runs share the context.
+    fn control_groups(&self) -> Vec<Option<ControlVector>> {
+        let mut groups: Vec<Option<ControlVector>> = Vec::new();
+        for run in self.slots.iter().filter_map(|s| s.run.as_ref()) {
+            if !groups
+                .iter()
+                .any(|g| same_control(g.as_ref(), run.control.as_ref()))
+            {
+                groups.push(run.control.clone());
+            }
+        }
+        if let Some(at) = groups
+            .iter()
+            .position(|g| same_control(g.as_ref(), self.control.as_ref()))
+        {
+            groups[..=at].rotate_right(1);
+        }
+        groups
     }
 
     /// Jobs whose callers gave up never start; runs whose callers gave up
@@ -873,16 +934,11 @@ impl<'m> Scheduler<'m> {
                 .slots
                 .iter_mut()
                 .filter(|s| s.run.is_none())
-                .max_by_key(|s| {
-                    (
-                        common_prefix(&s.cached, &prepared.items),
-                        std::cmp::Reverse(s.used),
-                    )
-                })
+                .max_by_key(|s| (cached_prefix(s, &prepared), std::cmp::Reverse(s.used)))
                 .expect("a free slot exists");
             self.clock += 1;
             slot.used = self.clock;
-            let reused = reuse_prefix(&mut self.eval, slot, &prepared.items, prepared.first_logits);
+            let reused = reuse_prefix(&mut self.eval, slot, &prepared);
             slot.run = Some(self.loaded.start_run(job, prepared, reused));
             self.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -890,17 +946,17 @@ impl<'m> Scheduler<'m> {
 
     /// Evaluates one batch of `pass`'s rows and uses every logit row it
     /// produced.
-    fn step(&mut self, pass: Pass) {
+    fn step(&mut self, pass: Pass, group: &Option<ControlVector>) {
         self.eval.clear();
-        if let Err(err) = self.fill_batch(pass) {
-            self.fail_batch(&err.to_string());
+        if let Err(err) = self.fill_batch(pass, group) {
+            self.fail_batch(group, &err.to_string());
             return;
         }
         if self.eval.is_empty() {
             return;
         }
         if let Err(err) = self.eval.process() {
-            self.fail_batch(&err.to_string());
+            self.fail_batch(group, &err.to_string());
             return;
         }
         let vocab = self.loaded.model.vocab();
@@ -909,6 +965,9 @@ impl<'m> Scheduler<'m> {
             let Some(run) = slot.run.as_mut() else {
                 continue;
             };
+            if !same_control(run.control.as_ref(), group.as_ref()) {
+                continue;
+            }
             let finish = match &mut run.task {
                 Task::Score(s) => {
                     for (at, target) in s.pending.drain(..) {
@@ -976,13 +1035,14 @@ impl<'m> Scheduler<'m> {
     /// The batch for this pass: one token for each generating slot first
     /// (they are waiting on it), then prompt chunks while room is left, each
     /// up to the first item the pass does not take.
-    fn fill_batch(&mut self, pass: Pass) -> Result<(), BatchError> {
+    fn fill_batch(&mut self, pass: Pass, group: &Option<ControlVector>) -> Result<(), BatchError> {
+        let in_group = |run: &Run| same_control(run.control.as_ref(), group.as_ref());
         if pass != Pass::Rows {
             for slot in &mut self.slots {
                 let Some(Run {
                     task: Task::Generate(g),
                     ..
-                }) = slot.run.as_mut()
+                }) = slot.run.as_mut().filter(|run| in_group(run))
                 else {
                     continue;
                 };
@@ -996,7 +1056,7 @@ impl<'m> Scheduler<'m> {
             }
         }
         for slot in &mut self.slots {
-            let Some(run) = slot.run.as_mut() else {
+            let Some(run) = slot.run.as_mut().filter(|run| in_group(run)) else {
                 continue;
             };
             while !run.prompt_done() && self.eval.room() > 0 && pass.takes(&run.prompt[run.fed]) {
@@ -1018,11 +1078,17 @@ impl<'m> Scheduler<'m> {
         Ok(())
     }
 
-    /// A batch that could not be built or evaluated fails every run: the
-    /// contents of their sequences are unknown, so those are cleared too.
-    fn fail_batch(&mut self, message: &str) {
+    /// A batch that could not be built or evaluated fails every run in it
+    /// (those of `group`): the contents of their sequences are unknown, so
+    /// those are cleared too.
+    fn fail_batch(&mut self, group: &Option<ControlVector>, message: &str) {
         for slot in &mut self.slots {
-            if let Some(run) = slot.run.take() {
+            if slot
+                .run
+                .as_ref()
+                .is_some_and(|run| same_control(run.control.as_ref(), group.as_ref()))
+                && let Some(run) = slot.run.take()
+            {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 run.job.fail(DecoderError::Decode(message.to_string()));
                 self.eval.clear_seq(slot.seq, None);
@@ -1048,6 +1114,7 @@ struct Prepared {
     first_logits: usize,
     /// Where a scoring's continuation starts.
     continuation: Option<usize>,
+    control: Option<ControlVector>,
 }
 
 impl Loaded {
@@ -1057,6 +1124,7 @@ impl Loaded {
             items,
             stops,
             continuation,
+            control,
             ..
         } = prepared;
         let task = match (&job.work, continuation) {
@@ -1096,6 +1164,7 @@ impl Loaded {
             fed: reused,
             prompt_time: None,
             prompt: items,
+            control,
             task,
             job,
         }
@@ -1106,18 +1175,24 @@ fn common_prefix(a: &[Item], b: &[Item]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x.same(y)).count()
 }
 
+/// The items of `prepared` the slot's cells already hold: none when they
+/// were computed under another control vector.
+fn cached_prefix(slot: &Slot, prepared: &Prepared) -> usize {
+    if same_control(slot.cached_control.as_ref(), prepared.control.as_ref()) {
+        common_prefix(&slot.cached, &prepared.items)
+    } else {
+        0
+    }
+}
+
 /// How many leading prompt items can stay in the slot's sequence: the
 /// common prefix with what it holds, up to `first_logits` (the first item
 /// whose logits are needed must be evaluated). The rest of the sequence is
 /// removed; when llama.cpp cannot remove a part (recurrent models), all of
 /// it is.
-fn reuse_prefix(
-    eval: &mut Evaluator<'_>,
-    slot: &mut Slot,
-    items: &[Item],
-    first_logits: usize,
-) -> usize {
-    let common = common_prefix(&slot.cached, items).min(first_logits);
+fn reuse_prefix(eval: &mut Evaluator<'_>, slot: &mut Slot, prepared: &Prepared) -> usize {
+    let common = cached_prefix(slot, prepared).min(prepared.first_logits);
+    slot.cached_control = prepared.control.clone();
     let position = u32::try_from(common).unwrap_or(u32::MAX);
     let kept = if common > 0 && eval.clear_seq(slot.seq, Some(position)) {
         common

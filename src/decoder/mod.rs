@@ -11,6 +11,7 @@
 //! [`ControlFlow::Break`] cancels the generation.
 
 pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod embeddings;
 pub mod llama;
@@ -26,6 +27,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub use config::{BackendKind, CacheType, DecoderConfig, Sampling};
+pub use control::{ControlError, ControlVector};
 pub use embeddings::{Embeddings, EmbeddingsError};
 
 /// Who said a chat message.
@@ -183,6 +185,8 @@ pub struct GenerateRequest {
     /// while it is queued or reading its prompt, not only when a piece
     /// cannot be delivered (the server sets it when the client leaves).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// A control vector for this request alone (llama backend only).
+    pub control: Option<ControlVector>,
 }
 
 impl GenerateRequest {
@@ -195,6 +199,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             cancel: None,
+            control: None,
         }
     }
 }
@@ -253,6 +258,8 @@ pub struct ScoreRequest {
     /// `"reply<|im_end|>"` scores the end-of-turn token too).
     pub continuation: String,
     pub cancel: Option<Arc<AtomicBool>>,
+    /// A control vector for this scoring alone (llama backend only).
+    pub control: Option<ControlVector>,
 }
 
 /// The log-probability of each continuation token given everything before
@@ -402,6 +409,8 @@ pub enum DecoderError {
     },
     #[error(transparent)]
     Embeddings(#[from] EmbeddingsError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error(
         "the conversation holds {markers} embedding markers ({marker}) but {sets} sets of embedding rows; remove the marker text from the messages"
     )]

@@ -42,6 +42,10 @@ impl Decoder for StubDecoder {
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
         let start = Instant::now();
+        // The stub stands in for a reply, not for a steer it cannot apply.
+        if request.control.is_some() {
+            return Err(self.unsupported("apply a control vector"));
+        }
         // One "token" per word, so max_new_tokens means the same thing here.
         let reply = Self::reply(request);
         let words: Vec<&str> = reply.split_inclusive(' ').collect();

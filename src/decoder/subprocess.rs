@@ -106,6 +106,9 @@ impl Decoder for SubprocessDecoder {
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
         let start = Instant::now();
+        if request.control.is_some() {
+            return Err(self.unsupported("apply a control vector"));
+        }
         // llama-completion reads text only.
         let text = request
             .prompt

@@ -328,6 +328,7 @@ fn generate_request(
             .unwrap_or_default(),
         ignore_eos: options.ignore_eos,
         cancel: None,
+        control: None,
     })
 }
 

@@ -16,7 +16,7 @@ pub mod vocab;
 
 use std::path::{Path, PathBuf};
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 pub use checkpoint::Checkpoint;
 pub use config::{WorldConfig, WorldOverrides};
@@ -36,6 +36,9 @@ pub trait WorldBackend: Send + Sync {
     /// The forward pass for prompts already mapped to ids; each holds
     /// between 1 and max_seq ids.
     fn forward(&self, batch: &[&[u32]]) -> Result<WorldOutputs>;
+
+    /// The bridge alone, for `[N, dim]` latents: `[N, bridge_dim]`.
+    fn bridge(&self, latents: ArrayView2<f32>) -> Result<Array2<f32>>;
 }
 
 /// What the forward pass computes for a batch, one row per prompt.
@@ -208,6 +211,27 @@ impl WorldModel {
         Ok(encoded
             .iter()
             .zip(outputs.conditioning.outer_iter())
+            .map(|(e, v)| Conditioned {
+                tokens: e.ids.len(),
+                total_tokens: e.total_tokens,
+                vector: v.to_vec(),
+            })
+            .collect())
+    }
+
+    /// What the bridge makes of each text's *own* encoder latent,
+    /// `bridge(encoder(text))`, skipping the transition. For a reply, this
+    /// is the conditioning a perfect transition would predict from its
+    /// context (the encoder's latent of the reply is what the transition is
+    /// trained towards): eval-conditioning's oracle, an upper bound on what
+    /// the channel can carry.
+    pub fn encode_as_conditioning<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Conditioned>> {
+        let encoded = self.encode(texts)?;
+        let state = self.forward(&encoded)?.state;
+        let bridged = self.backend.bridge(state.view())?;
+        Ok(encoded
+            .iter()
+            .zip(bridged.outer_iter())
             .map(|(e, v)| Conditioned {
                 tokens: e.ids.len(),
                 total_tokens: e.total_tokens,

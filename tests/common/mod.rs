@@ -140,6 +140,25 @@ pub fn reference_forward(
     cfg: &WorldConfig,
     ids: &[usize],
 ) -> Vec<f64> {
+    reference_pass(t, cfg, ids, true)
+}
+
+/// `bridge(encoder(ids))`: the reference pass without the transition.
+#[allow(dead_code)] // not every test binary uses it
+pub fn reference_bridge_of_latent(
+    t: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    cfg: &WorldConfig,
+    ids: &[usize],
+) -> Vec<f64> {
+    reference_pass(t, cfg, ids, false)
+}
+
+fn reference_pass(
+    t: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    cfg: &WorldConfig,
+    ids: &[usize],
+    transition: bool,
+) -> Vec<f64> {
     let w = |name: &str| -> Vec<f64> { t[name].1.iter().map(|&v| f64::from(v)).collect() };
     let (d, seq) = (cfg.dim, cfg.max_seq);
     let len = ids.len().min(seq);
@@ -221,6 +240,9 @@ pub fn reference_forward(
     let mut z: Vec<f64> = (0..d)
         .map(|j| x[..len].iter().map(|r| r[j]).sum::<f64>() / len as f64)
         .collect();
+    if !transition {
+        return linear("decoder_bridge.proj", &[z]).remove(0);
+    }
     z.extend(w("world_transition.action_embed.weight"));
     let mut hidden = linear("world_transition.fc1", &[z]);
     hidden[0].iter_mut().for_each(|v| *v = v.max(0.0));

@@ -8,6 +8,8 @@
 //!   GGUF file with the gguf C API and dequantized by ggml's own `to_float`
 //!   (the function llama.cpp's CPU `get_rows` uses), so an injected row
 //!   reproduces the token path.
+//! - [`Evaluator::set_control`]: the context's control vector
+//!   (`llama_set_adapter_cvec`, which `llama-cpp-2` does not wrap).
 //! - [`input_width`] and [`architecture`] of a loaded model.
 //!
 //! Every `unsafe` block is here; the rest of the decoder only sees safe
@@ -22,6 +24,8 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_sys_2 as sys;
+
+use crate::decoder::ControlVector;
 
 /// Architectures whose graphs pick weights or routing per ubatch by token vs
 /// embedding input, so llama.cpp refuses batches that mix both
@@ -50,6 +54,8 @@ pub enum BatchError {
     Row(i32),
     #[error("llama.cpp could not evaluate the batch (code {0})")]
     Process(i32),
+    #[error("llama.cpp refused the control vector")]
+    Control,
 }
 
 /// A context and the one extended batch it evaluates. The batch holds a
@@ -203,6 +209,51 @@ impl<'m> Evaluator<'m> {
             Ok(())
         } else {
             Err(BatchError::Process(code))
+        }
+    }
+
+    /// Sets the control vector every later evaluation adds (`None` clears
+    /// it). llama.cpp re-reserves its graph at the next evaluation.
+    pub fn set_control(
+        &mut self,
+        control: Option<&ControlVector>,
+        n_layer: usize,
+    ) -> Result<(), BatchError> {
+        let code = match control {
+            // SAFETY: the context is live; a null buffer only clears.
+            None => unsafe {
+                sys::llama_set_adapter_cvec(
+                    self.context.as_mut_ptr(),
+                    std::ptr::null(),
+                    0,
+                    0,
+                    -1,
+                    -1,
+                )
+            },
+            Some(control) => {
+                let buffer = control.llama_buffer(n_layer);
+                let layers = control.layers();
+                let as_i32 = |v: usize| i32::try_from(v).map_err(|_| BatchError::Control);
+                // SAFETY: `buffer` holds `n_embd` values for each of layers
+                // 1..n_layer, as llama.cpp reads it (it copies them during the
+                // call); the width was checked against the model's n_embd.
+                unsafe {
+                    sys::llama_set_adapter_cvec(
+                        self.context.as_mut_ptr(),
+                        buffer.as_ptr(),
+                        buffer.len(),
+                        as_i32(control.width())?,
+                        as_i32(*layers.start())?,
+                        as_i32(*layers.end())?,
+                    )
+                }
+            }
+        };
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(BatchError::Control)
         }
     }
 

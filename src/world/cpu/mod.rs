@@ -66,6 +66,10 @@ impl WorldBackend for CpuBackend {
     fn forward(&self, batch: &[&[u32]]) -> Result<WorldOutputs> {
         Ok(self.pool.install(|| self.model.forward(batch)))
     }
+
+    fn bridge(&self, latents: ArrayView2<f32>) -> Result<Array2<f32>> {
+        Ok(self.pool.install(|| self.model.bridge.forward(latents)))
+    }
 }
 
 /// The whole network: encoder, transition and bridge.
