@@ -152,7 +152,7 @@ fn scheduler_streams(gguf: &Path, threads: usize, ng: usize) {
         ..DecoderConfig::default()
     };
     let decoder = LlamaDecoder::load(gguf, &cfg).expect("load the GGUF");
-    let (n_embd, _) = decoder.control_shape();
+    let (n_embd, _) = decoder.control_shape().unwrap();
     let (a, b) = (vector(n_embd, 1.0, 0.0), vector(n_embd, 1.0, 1.0));
     let request = |i: usize, control: Option<&ControlVector>| GenerateRequest {
         ignore_eos: true,

@@ -44,6 +44,9 @@ pub enum CondMode {
     Text,
     /// The system message's instruction, then K projected embedding rows.
     Prefix,
+    /// No message; a control vector made from the world vector (a control
+    /// map, `--control`) is added to the decoder's residual stream.
+    Cvec,
     /// No conditioning message.
     None,
 }
@@ -53,6 +56,7 @@ impl CondMode {
         match self {
             Self::Text => "text",
             Self::Prefix => "prefix",
+            Self::Cvec => "cvec",
             Self::None => "none",
         }
     }
@@ -60,7 +64,7 @@ impl CondMode {
 
 /// An unknown `JEPA_DECODER_COND_MODE` / `cond_mode` name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown conditioning mode '{0}': use text, prefix or none")]
+#[error("unknown conditioning mode '{0}': use text, prefix, cvec or none")]
 pub struct UnknownMode(pub String);
 
 impl FromStr for CondMode {
@@ -70,6 +74,7 @@ impl FromStr for CondMode {
         match s {
             "text" => Ok(Self::Text),
             "prefix" => Ok(Self::Prefix),
+            "cvec" => Ok(Self::Cvec),
             "none" => Ok(Self::None),
             other => Err(UnknownMode(other.to_string())),
         }

@@ -24,8 +24,10 @@ use serde::Serialize;
 
 use crate::conditioning::{CondFormat, CondMode, Conditioning};
 use crate::data::pairs::Pair;
+use crate::decoder::ControlVector;
 use crate::decoder::{ChatMessage, DecoderError, Role, ScoreRequest};
 use crate::engine::{Engine, EngineError, Steer};
+use crate::projector::{Projector, ProjectorError};
 
 /// What the decoder sees before the user turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -49,10 +51,15 @@ pub enum EvalMode {
     /// perfect transition would predict, an upper bound on what the channel
     /// carries (it reads the answer, so it is never a mode to serve).
     OraclePrefix,
+    /// No message; the control map's vector of the pair's own world vector
+    /// added to the residual stream (`--control`).
+    Cvec,
+    /// The same with another pair's vector.
+    MismatchedCvec,
 }
 
 impl EvalMode {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::None,
         Self::Text,
         Self::MismatchedText,
@@ -60,7 +67,14 @@ impl EvalMode {
         Self::MismatchedPrefix,
         Self::MeanPrefix,
         Self::OraclePrefix,
+        Self::Cvec,
+        Self::MismatchedCvec,
     ];
+
+    /// Whether the mode needs a control map.
+    pub fn needs_control(self) -> bool {
+        matches!(self, Self::Cvec | Self::MismatchedCvec)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -71,13 +85,15 @@ impl EvalMode {
             Self::MismatchedPrefix => "mismatched_prefix",
             Self::MeanPrefix => "mean_prefix",
             Self::OraclePrefix => "oracle_prefix",
+            Self::Cvec => "cvec",
+            Self::MismatchedCvec => "mismatched_cvec",
         }
     }
 }
 
 /// The differences reported, `a - b`: negative means `a` expects the true
 /// reply more. Only those whose two modes were both scored are reported.
-pub const PAIRED: [(EvalMode, EvalMode); 7] = [
+pub const PAIRED: [(EvalMode, EvalMode); 9] = [
     (EvalMode::Prefix, EvalMode::None),
     (EvalMode::Prefix, EvalMode::MismatchedPrefix),
     (EvalMode::Prefix, EvalMode::MeanPrefix),
@@ -85,6 +101,8 @@ pub const PAIRED: [(EvalMode, EvalMode); 7] = [
     (EvalMode::Text, EvalMode::MismatchedText),
     (EvalMode::OraclePrefix, EvalMode::None),
     (EvalMode::OraclePrefix, EvalMode::MismatchedPrefix),
+    (EvalMode::Cvec, EvalMode::None),
+    (EvalMode::Cvec, EvalMode::MismatchedCvec),
 ];
 
 /// How an evaluation runs.
@@ -101,6 +119,9 @@ pub struct EvalOptions {
     pub parallel: usize,
     /// The text format of the text modes.
     pub format: CondFormat,
+    /// The control map of the cvec modes, and the strength its vectors are
+    /// added with.
+    pub control: Option<(Projector, f32)>,
     /// Called with (pairs scored, pairs) after each pair.
     pub progress: Option<fn(usize, usize)>,
 }
@@ -160,8 +181,13 @@ pub fn derangement(n: usize, seed: u64) -> Vec<usize> {
     out
 }
 
-/// What each mode puts before the user turn of pair `i`.
-fn steer(mode: EvalMode, i: usize, ctx: &Steers<'_>) -> Result<Steer, EngineError> {
+/// What each mode puts before the user turn of pair `i`, and the control
+/// vector it adds.
+fn steer(
+    mode: EvalMode,
+    i: usize,
+    ctx: &Steers<'_>,
+) -> Result<(Steer, Option<ControlVector>), EvalError> {
     let vector = |j: usize| Conditioning {
         vector: ctx.vectors[j].clone(),
         world_tokens: 0,
@@ -172,6 +198,7 @@ fn steer(mode: EvalMode, i: usize, ctx: &Steers<'_>) -> Result<Steer, EngineErro
         format: ctx.format,
         conditioning: Some(c),
         rows: None,
+        control: None,
         world_time: Default::default(),
     };
     let prefix = |v: &[f32]| -> Result<Steer, EngineError> {
@@ -181,24 +208,41 @@ fn steer(mode: EvalMode, i: usize, ctx: &Steers<'_>) -> Result<Steer, EngineErro
             format: ctx.format,
             conditioning: None,
             rows: Some(projector.project(v)?),
+            control: None,
             world_time: Default::default(),
         })
     };
-    Ok(match mode {
-        EvalMode::None => Steer {
-            mode: CondMode::None,
-            format: ctx.format,
-            conditioning: None,
-            rows: None,
-            world_time: Default::default(),
+    let none = || Steer {
+        mode: CondMode::None,
+        format: ctx.format,
+        conditioning: None,
+        rows: None,
+        control: None,
+        world_time: Default::default(),
+    };
+    let control = |j: usize| -> Result<_, EvalError> {
+        let (map, strength) = ctx.control.ok_or(EvalError::NoControl)?;
+        Ok((none(), Some(map.control(&ctx.vectors[j], *strength)?)))
+    };
+    if mode == EvalMode::Cvec {
+        return control(i);
+    }
+    if mode == EvalMode::MismatchedCvec {
+        return control(ctx.other[i]);
+    }
+    Ok((
+        match mode {
+            EvalMode::None => none(),
+            EvalMode::Text => text(vector(i)),
+            EvalMode::MismatchedText => text(vector(ctx.other[i])),
+            EvalMode::Prefix => prefix(&ctx.vectors[i])?,
+            EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
+            EvalMode::MeanPrefix => prefix(ctx.mean)?,
+            EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
+            EvalMode::Cvec | EvalMode::MismatchedCvec => unreachable!("returned above"),
         },
-        EvalMode::Text => text(vector(i)),
-        EvalMode::MismatchedText => text(vector(ctx.other[i])),
-        EvalMode::Prefix => prefix(&ctx.vectors[i])?,
-        EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
-        EvalMode::MeanPrefix => prefix(ctx.mean)?,
-        EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
-    })
+        None,
+    ))
 }
 
 struct Steers<'a> {
@@ -210,6 +254,7 @@ struct Steers<'a> {
     oracle: &'a [Vec<f32>],
     modes: &'a [EvalMode],
     format: CondFormat,
+    control: Option<&'a (Projector, f32)>,
 }
 
 /// The chat prompt and continuation that pair `pair` is scored with under
@@ -217,6 +262,7 @@ struct Steers<'a> {
 pub fn score_request(
     engine: &Engine,
     steer: &Steer,
+    control: Option<ControlVector>,
     pair: &Pair,
     end_of_turn: &str,
 ) -> ScoreRequest {
@@ -225,7 +271,7 @@ pub fn score_request(
         prompt: engine.apply(steer, conversation),
         continuation: format!("{}{end_of_turn}", pair.next),
         cancel: None,
-        control: None,
+        control,
     }
 }
 
@@ -237,6 +283,10 @@ pub enum EvalError {
     Score { pair: usize, source: DecoderError },
     #[error("eval-conditioning needs at least 2 pairs (for the mismatched modes); got {0}")]
     TooFew(usize),
+    #[error("the cvec modes need a control map: pass --control FILE (made by `tofy fit-control`)")]
+    NoControl,
+    #[error(transparent)]
+    Projector(#[from] ProjectorError),
 }
 
 /// Scores every pair under every mode. `end_of_turn` is appended to each
@@ -249,6 +299,9 @@ pub fn score_pairs(
 ) -> Result<Vec<PairScores>, EvalError> {
     if pairs.len() < 2 {
         return Err(EvalError::TooFew(pairs.len()));
+    }
+    if options.control.is_none() && options.modes.iter().any(|m| m.needs_control()) {
+        return Err(EvalError::NoControl);
     }
     let contexts: Vec<&str> = pairs.iter().map(|p| p.context.as_str()).collect();
     let vectors: Vec<Vec<f32>> = engine
@@ -286,6 +339,7 @@ pub fn score_pairs(
         oracle: &oracle,
         modes: &options.modes,
         format: options.format,
+        control: options.control.as_ref(),
     };
     let results: Mutex<Vec<Option<PairScores>>> = Mutex::new(vec![None; pairs.len()]);
     let next = AtomicUsize::new(0);
@@ -338,8 +392,8 @@ fn score_pair(
     let mut nll = BTreeMap::new();
     let mut tokens = 0;
     for &mode in ctx.modes {
-        let steer = steer(mode, i, ctx)?;
-        let request = score_request(ctx.engine, &steer, pair, end_of_turn);
+        let (steer, control) = steer(mode, i, ctx)?;
+        let request = score_request(ctx.engine, &steer, control, pair, end_of_turn);
         let score = ctx
             .engine
             .decoder()
@@ -456,6 +510,7 @@ mod tests {
             resamples: 2000,
             parallel: 1,
             format: CondFormat::Chunks,
+            control: None,
             progress: None,
         };
         let r = report(&scores, &options, "g".into(), "p".into());

@@ -9,6 +9,11 @@
 //! rescaled to that L2 norm, so that rows sit at the norm of real token
 //! embeddings whatever the vector's scale.
 //!
+//! A projector with `control_layers` = `"<start>-<end>"` in its metadata
+//! (and K = 1) is a *control map* (`tofy fit-control`): its row, times a
+//! strength, is a control vector added at the output of those layers
+//! ([`Projector::control`]).
+//!
 //! The embedded default ([`Projector::embedded`]) is a **placeholder** for
 //! the embedded world model x SmolLM2-135M-Instruct: a fixed random
 //! projection (`tofy random-projector`, seed 0, K = 4) with rows at the
@@ -22,7 +27,7 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors};
 
-use crate::decoder::{Embeddings, EmbeddingsError};
+use crate::decoder::{ControlError, ControlVector, Embeddings, EmbeddingsError};
 use crate::world::checkpoint::{self, TensorData};
 
 /// The format tag in the metadata.
@@ -62,6 +67,12 @@ pub enum ProjectorError {
     },
     #[error(transparent)]
     Rows(#[from] EmbeddingsError),
+    #[error(
+        "projector {path} is not a control map (no control_layers, or K {k} is not 1); make one with `tofy fit-control`"
+    )]
+    NotControl { path: String, k: usize },
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// A linear map from the world vector to K rows.
@@ -75,6 +86,8 @@ pub struct Projector {
     bridge_dim: usize,
     row_norm: Option<f32>,
     gguf_name: String,
+    /// The layers a control map's vector is added at (inclusive).
+    control_layers: Option<(usize, usize)>,
     /// Where it came from, for messages.
     source: String,
 }
@@ -130,6 +143,19 @@ impl Projector {
                     })?,
             ),
         };
+        let control_layers = match meta.get("control_layers") {
+            None => None,
+            Some(v) => Some(
+                v.split_once('-')
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                    .filter(|&(a, b): &(usize, usize)| a >= 1 && a <= b)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "metadata control_layers '{v}' is not <start>-<end> with 1 <= start <= end"
+                        ))
+                    })?,
+            ),
+        };
         let tensors = SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("unreadable tensors ({e})")))?;
         let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ProjectorError> {
@@ -161,6 +187,7 @@ impl Projector {
             bridge_dim,
             row_norm,
             gguf_name: meta.get("gguf_name").cloned().unwrap_or_default(),
+            control_layers,
             source: source.to_string(),
         })
     }
@@ -216,8 +243,33 @@ impl Projector {
             bridge_dim,
             row_norm,
             gguf_name: gguf_name.to_string(),
+            control_layers: None,
             source,
         }
+    }
+
+    /// Makes this (K = 1) projector a control map over `layers`.
+    pub fn with_control_layers(mut self, start: usize, end: usize) -> Self {
+        self.control_layers = Some((start, end));
+        self
+    }
+
+    /// The layers of a control map.
+    pub fn control_layers(&self) -> Option<(usize, usize)> {
+        self.control_layers
+    }
+
+    /// A control map's vector for `vector`: its row times `strength`, at
+    /// every layer of its range.
+    pub fn control(&self, vector: &[f32], strength: f32) -> Result<ControlVector, ProjectorError> {
+        let (start, end) = self.control_layers.filter(|_| self.k == 1).ok_or_else(|| {
+            ProjectorError::NotControl {
+                path: self.source.clone(),
+                k: self.k,
+            }
+        })?;
+        let row = self.project(vector)?;
+        Ok(ControlVector::uniform(row.row(0), strength, start..=end)?)
     }
 
     /// Writes the projector (atomically, as checkpoints are).
@@ -232,6 +284,9 @@ impl Projector {
         ]);
         if let Some(norm) = self.row_norm {
             meta.insert("row_norm".to_string(), norm.to_string());
+        }
+        if let Some((start, end)) = self.control_layers {
+            meta.insert("control_layers".to_string(), format!("{start}-{end}"));
         }
         let tensors = [
             (

@@ -426,3 +426,98 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
         "{line}"
     );
 }
+
+#[test]
+fn cvec_mode_steers_through_a_control_map() {
+    let model = smollm2().display().to_string();
+    let env = [
+        ("JEPA_DECODER_MODEL", model.as_str()),
+        ("JEPA_DECODER_NGL", "0"),
+    ];
+    // A control map of fixed values (what fit-control writes, not fitted:
+    // this checks the plumbing, docs/conditioning.md the effect).
+    let dir = tempfile::tempdir().unwrap();
+    let map_path = dir.path().join("control.safetensors");
+    let weight: Vec<f32> = (0..576 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    tofy::projector::Projector::from_parts(
+        weight,
+        vec![0.0; 576],
+        1,
+        576,
+        256,
+        Some(30.0),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "test".into(),
+    )
+    .with_control_layers(10, 20)
+    .save(&map_path, "test control map")
+    .unwrap();
+    let map = map_path.display().to_string();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "infer-agent",
+            "write a short gpu recommendation",
+            "--json",
+            "--temp",
+            "0",
+            "--max-new-tokens",
+            "12",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(stdout(&tofy(&args, &env)).trim()).unwrap()
+    };
+    let none = run(&["--cond-mode", "none"]);
+    let cvec = run(&["--cond-mode", "cvec", "--control", &map]);
+    assert_eq!(cvec["cond_mode"], "cvec");
+    assert_eq!(cvec["k"], 0);
+    assert_eq!(cvec["conditioning"].as_array().unwrap().len(), 256);
+    assert_eq!(
+        cvec["prompt_tokens"], none["prompt_tokens"],
+        "no message: the vector is the only difference"
+    );
+    assert_ne!(
+        cvec["reply"], none["reply"],
+        "the control vector steers the reply"
+    );
+    // Strength 0 adds nothing: the unsteered reply, exactly.
+    let zero = run(&[
+        "--cond-mode",
+        "cvec",
+        "--control",
+        &map,
+        "--control-strength",
+        "0",
+    ]);
+    assert_eq!(zero["reply"], none["reply"]);
+
+    // Each wrong setup is one clear line.
+    let line = fails(tofy(&["infer-agent", "hi", "--cond-mode", "cvec"], &env));
+    assert!(
+        line.contains("needs a control map") && line.contains("--control"),
+        "{line}"
+    );
+    let line = fails(tofy(
+        &[
+            "infer-agent",
+            "hi",
+            "--cond-mode",
+            "cvec",
+            "--control",
+            "models/projector/smollm2-135m-placeholder.safetensors",
+        ],
+        &env,
+    ));
+    assert!(line.contains("is not a control map"), "{line}");
+    let line = fails(tofy(
+        &[
+            "infer-agent",
+            "hi",
+            "--cond-mode",
+            "cvec",
+            "--control",
+            &map,
+        ],
+        &[("JEPA_DECODER_BACKEND", "stub")],
+    ));
+    assert!(line.contains("does not apply"), "{line}");
+}

@@ -29,7 +29,7 @@ fn load(parallel: usize) -> LlamaDecoder {
 /// A fixed direction of norm about 17 (no token or model structure in it),
 /// times `strength`, at layers 10..=20.
 fn steer(decoder: &LlamaDecoder, strength: f32, phase: f32) -> ControlVector {
-    let (n_embd, _) = decoder.control_shape();
+    let (n_embd, _) = decoder.control_shape().unwrap();
     let direction: Vec<f32> = (0..n_embd)
         .map(|i| (i as f32 * 0.37 + phase).sin())
         .collect();
@@ -65,7 +65,7 @@ fn max_diff(a: &Score, b: &Score) -> f64 {
 #[test]
 fn zero_changes_nothing_large_changes_scores_and_clearing_restores() {
     let decoder = load(1);
-    let (n_embd, n_layer) = decoder.control_shape();
+    let (n_embd, n_layer) = decoder.control_shape().unwrap();
     assert_eq!((n_embd, n_layer), (576, 30));
     let plain = score(&decoder, None);
 
@@ -187,4 +187,76 @@ fn a_vector_that_does_not_fit_the_model_is_one_clear_error() {
         })
         .unwrap_err();
     assert!(matches!(err, DecoderError::Unsupported { .. }), "{err}");
+}
+
+#[test]
+fn the_residual_reader_averages_over_its_layers_and_span() {
+    let decoder = load(1);
+    let mut tokens = decoder.prompt_tokens(&prompt()).unwrap();
+    let from = tokens.len();
+    tokens.extend(
+        decoder
+            .tokenize("The capital of France is Paris.<|im_end|>", false)
+            .unwrap(),
+    );
+    let tokens: Vec<_> = tokens
+        .into_iter()
+        .map(llama_cpp_2::token::LlamaToken)
+        .collect();
+    let mean = |layers: std::ops::RangeInclusive<usize>, from: usize| {
+        decoder
+            .residual_reader(layers, 128, 1, 1)
+            .unwrap()
+            .span_mean(&tokens, from)
+            .unwrap()
+    };
+    let (ten, eleven, both) = (
+        mean(10..=10, from),
+        mean(11..=11, from),
+        mean(10..=11, from),
+    );
+    assert_eq!(both.len(), 576);
+    let scale = both.iter().map(|v| v.abs()).fold(0.0, f32::max);
+    for ((a, b), m) in ten.iter().zip(&eleven).zip(&both) {
+        assert!(((a + b) / 2.0 - m).abs() <= 1e-4 * scale, "{a} {b} {m}");
+    }
+    assert_ne!(
+        mean(10..=10, 0),
+        ten,
+        "the span is the reply's, not the whole prompt"
+    );
+
+    // The same reader twice gives the same means (its state is reset).
+    let mut reader = decoder.residual_reader(10..=10, 256, 4, 1).unwrap();
+    assert_eq!(reader.span_mean(&tokens, from).unwrap(), ten);
+    assert_eq!(reader.span_mean(&tokens, from).unwrap(), ten);
+
+    let err = decoder.residual_reader(20..=29, 128, 1, 1).err().unwrap();
+    assert!(err.to_string().contains("only keeps output rows"), "{err}");
+    // Several prompts in one pass, a sequence each: each its own mean.
+    let head = &tokens[..from + 2];
+    let apart = reader.span_mean(head, from).unwrap();
+    let together = reader
+        .span_means(&[(&tokens, from), (head, from), (&tokens, from)])
+        .unwrap();
+    for (got, want) in together.iter().zip([&ten, &apart, &ten]) {
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        // Another batch shape takes other GEMM kernels: about 0.3% here.
+        assert!(d <= 1e-2 * scale, "a pass of three vs alone: {d}");
+    }
+    let d = together[1]
+        .iter()
+        .zip(&ten)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d > 0.1 * scale, "the spans are told apart: {d}");
+    let err = reader.span_mean(&vec![tokens[0]; 300], 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the prompts are 300 tokens in all; at most 256 fit one pass"
+    );
 }

@@ -51,9 +51,38 @@ fn nll_of(decoder: &dyn Decoder, request: &ScoreRequest) -> (f64, usize) {
 fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let dir = tempfile::tempdir().unwrap();
     let (path, pairs) = write_pairs(dir.path());
+    // A control map fitted on the same pairs (a plumbing check, not a
+    // measurement), for the cvec modes.
+    let map = dir.path().join("control.safetensors");
+    let fit = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args([
+            "fit-control",
+            path.to_str().unwrap(),
+            "--out",
+            map.to_str().unwrap(),
+        ])
+        .args(["--layers", "8-12", "--ridge", "1"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        fit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fit.stderr)
+    );
+    let control = Projector::load(&map).unwrap();
+    assert_eq!(control.control_layers(), Some((8, 12)));
+    assert_eq!((control.k(), control.n_embd()), (1, 576));
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "8"])
         .args(["--json", "--parallel", "2", "--resamples", "200"])
+        .args([
+            "--control",
+            map.to_str().unwrap(),
+            "--control-strength",
+            "4",
+        ])
         .env("JEPA_DECODER_MODEL", common::smollm2())
         .env("JEPA_DECODER_THREADS", "1")
         .env("JEPA_DECODER_NGL", "0")
@@ -105,14 +134,15 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     assert_eq!(eot, "<|im_end|>");
     let engine = Engine::new(world, Box::new(decoder), CondSettings::default(), None).unwrap();
     let projector = Projector::embedded();
-    let (mut none, mut prefix, mut oracle, mut tokens) = (0.0, 0.0, 0.0, 0);
+    let (mut none, mut prefix, mut oracle, mut cvec, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0);
     for (((context, reply), vector), reply_vector) in PAIRS.iter().zip(&vectors).zip(&oracles) {
-        let request = |prompt| ScoreRequest {
+        let steered = |prompt, control| ScoreRequest {
             prompt,
             continuation: format!("{reply}{eot}"),
             cancel: None,
-            control: None,
+            control,
         };
+        let request = |prompt| steered(prompt, None);
         let user = vec![ChatMessage::new(Role::User, *context)];
         let (n, t) = nll_of(
             engine.decoder(),
@@ -123,6 +153,7 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
             format: Default::default(),
             conditioning: None,
             rows: Some(projector.project(v).unwrap()),
+            control: None,
             world_time: Default::default(),
         };
         let (p, _) = nll_of(
@@ -131,11 +162,19 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
         );
         let (o, _) = nll_of(
             engine.decoder(),
-            &request(engine.apply(&rows_of(reply_vector), user)),
+            &request(engine.apply(&rows_of(reply_vector), user.clone())),
+        );
+        let (c, _) = nll_of(
+            engine.decoder(),
+            &steered(
+                tofy::decoder::Prompt::chat(user.clone()),
+                Some(control.control(vector, 4.0).unwrap()),
+            ),
         );
         none += n;
         prefix += p;
         oracle += o;
+        cvec += c;
         tokens += t;
     }
     let got = |mode: &str| report["modes"][mode]["nll"].as_f64().unwrap();
@@ -143,6 +182,11 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     assert!((got("none") - none / tokens as f64).abs() < 1e-9);
     assert!((got("prefix") - prefix / tokens as f64).abs() < 1e-9);
     assert!((got("oracle_prefix") - oracle / tokens as f64).abs() < 1e-9);
+    assert!((got("cvec") - cvec / tokens as f64).abs() < 1e-9);
+    assert!(
+        (got("cvec") - got("none")).abs() > 1e-4,
+        "the vector changes the scores"
+    );
 
     // --modes scores only those, and reports only the differences of two
     // scored modes.

@@ -1067,6 +1067,81 @@ fn prefix_mode_chat_carries_the_world_vector_in_rows() {
         e["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("text, prefix or none")
+            .contains("text, prefix, cvec or none")
     );
+    // cvec needs a control map, which this server was not given.
+    let (status, e) = server.post(
+        "/v1/chat/completions",
+        &with(chat("hi", 2), "tofy", json!({ "cond_mode": "cvec" })),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "tofy.cond_mode", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs a control map"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cvec_mode_per_request_beside_plain_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("control.safetensors");
+    let weight: Vec<f32> = (0..576 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    tofy::projector::Projector::from_parts(
+        weight,
+        vec![0.0; 576],
+        1,
+        576,
+        256,
+        Some(30.0),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "test".into(),
+    )
+    .with_control_layers(10, 20)
+    .save(&map, "test control map")
+    .unwrap();
+    let map = map.display().to_string();
+    let server = Server::start(&["--ctx", "512", "--parallel", "2", "--control", &map], &[]);
+    let ask = |mode: &str| {
+        let body = with(
+            with(
+                chat("write a short gpu recommendation", 10),
+                "temperature",
+                json!(0),
+            ),
+            "tofy",
+            json!({ "cond_mode": mode, "return_conditioning": true }),
+        );
+        let (status, reply) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        reply
+    };
+    let content = |r: &Value| {
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let none = ask("none");
+    let cvec = ask("cvec");
+    assert_eq!(cvec["tofy"]["conditioning"]["cond_mode"], "cvec");
+    assert_eq!(
+        cvec["usage"]["prompt_tokens"],
+        none["usage"]["prompt_tokens"]
+    );
+    assert_ne!(
+        content(&cvec),
+        content(&none),
+        "the vector steers the reply"
+    );
+    // Both at once: each as it was alone.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| ask("cvec"));
+        let b = s.spawn(|| ask("none"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!((content(&a), content(&b)), (content(&cvec), content(&none)));
 }

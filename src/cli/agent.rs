@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::decoder_args::DecoderArgs;
 use super::{WorldSizeArgs, WorldSpec, split_world};
+use crate::conditioning::CondMode;
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, BackendKind, DecoderConfig, FinishReason, discovery};
 use crate::engine::{AgentReply, AgentRequest, Engine, TurnOptions};
@@ -145,7 +146,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let config = args.decoder.config();
     let projector = args.decoder.projector()?;
     let decoder = decoder::open(&config)?;
-    let engine = Engine::new(world, decoder, args.decoder.cond_settings(), projector)?;
+    let engine = Engine::new(world, decoder, args.decoder.cond_settings(), projector)?
+        .with_control(args.decoder.control()?)?;
     // Only once the engine stands: an error is then the one line printed.
     print_notices(engine.decoder(), &config);
     let request = AgentRequest {
@@ -386,6 +388,30 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         Err(err) => {
             writeln!(out, "projector:     {err}")?;
             fixes.push("fix or unset TOFY_PROJECTOR / --projector".to_string());
+        }
+    }
+    match args.decoder.control() {
+        Ok(Some((map, strength))) => {
+            let (start, end) = map.control_layers().unwrap_or_default();
+            writeln!(
+                out,
+                "control map:   {} (a direction of {} at layers {start}-{end}, strength {strength}, for {})",
+                map.source(),
+                map.n_embd(),
+                map.gguf_name()
+            )?
+        }
+        Ok(None) if args.decoder.cond_mode == CondMode::Cvec => {
+            writeln!(out, "control map:   none, but the mode is cvec")?;
+            fixes.push(
+                "make a control map with `tofy fit-control` and pass --control FILE (TOFY_CONTROL)"
+                    .to_string(),
+            );
+        }
+        Ok(None) => writeln!(out, "control map:   none (cvec mode needs --control FILE)")?,
+        Err(err) => {
+            writeln!(out, "control map:   {err}")?;
+            fixes.push("fix or unset TOFY_CONTROL / --control".to_string());
         }
     }
     if fixes.is_empty() {

@@ -80,6 +80,14 @@ pub struct DecoderArgs {
     /// SmolLM2-135M-Instruct].
     #[arg(long, env = "TOFY_PROJECTOR", value_name = "FILE")]
     pub projector: Option<PathBuf>,
+    /// Control map for cvec mode (`tofy fit-control`): the world vector to a control vector
+    /// added to the decoder's residual stream.
+    #[arg(long, env = "TOFY_CONTROL", value_name = "FILE")]
+    pub control: Option<PathBuf>,
+    /// The strength the control map's vectors are added with.
+    #[arg(long, env = "TOFY_CONTROL_STRENGTH", default_value_t = 1.0, value_name = "S",
+          allow_negative_numbers = true, value_parser = parse_strength)]
+    pub control_strength: f32,
 }
 
 impl DecoderArgs {
@@ -104,6 +112,26 @@ impl DecoderArgs {
             .filter(|p| !p.as_os_str().is_empty())
             .map(Projector::load)
             .transpose()
+    }
+
+    /// `--control`, loaded and checked to be a control map, with its
+    /// strength; `None` without one.
+    pub fn control(&self) -> Result<Option<(Projector, f32)>, ProjectorError> {
+        let Some(path) = self
+            .control
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+        else {
+            return Ok(None);
+        };
+        let map = Projector::load(path)?;
+        if map.control_layers().is_none() || map.k() != 1 {
+            return Err(ProjectorError::NotControl {
+                path: path.display().to_string(),
+                k: map.k(),
+            });
+        }
+        Ok(Some((map, self.control_strength)))
     }
 
     pub fn config(&self) -> DecoderConfig {
@@ -191,6 +219,13 @@ fn parse_top_k(s: &str) -> Result<i32, String> {
 fn parse_seed(s: &str) -> Result<u32, String> {
     let what = "JEPA_DECODER_SEED / --seed must be a whole number from 0 to 4294967295";
     parse_checked(s, what, |_| true)
+}
+
+fn parse_strength(s: &str) -> Result<f32, String> {
+    s.parse::<f32>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("'{s}' is not a finite number"))
 }
 
 fn parse_threads(s: &str) -> Result<u32, String> {

@@ -39,7 +39,7 @@ pub struct EvalConditioningArgs {
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: u32,
-    /// Modes to score, comma-separated [default: all of them]. Paired
+    /// Modes to score, comma-separated [default: all of them; the cvec modes with --control]. Paired
     /// differences are reported where both of their modes were scored.
     #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
     modes: Vec<ec::EvalMode>,
@@ -79,8 +79,13 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
             decoder.backend().name()
         )
     })?;
+    // The cvec modes take the control map of --control (TOFY_CONTROL).
+    let control = args.decoder.control()?;
     let mut modes = if args.modes.is_empty() {
-        ec::EvalMode::ALL.to_vec()
+        ec::EvalMode::ALL
+            .into_iter()
+            .filter(|m| control.is_some() || !m.needs_control())
+            .collect()
     } else {
         args.modes.clone()
     };
@@ -92,6 +97,7 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         resamples: args.resamples as usize,
         parallel: args.parallel as usize,
         format: args.decoder.cond_format,
+        control,
         progress: Some(|done, all| {
             // A line per tenth: the run takes minutes on a CPU.
             if done * 10 / all != (done - 1) * 10 / all {

@@ -5,6 +5,7 @@ mod agent;
 mod condition;
 mod decoder_args;
 mod eval_conditioning;
+mod fit_control;
 mod fit_projector;
 mod projector;
 mod serve;
@@ -48,6 +49,8 @@ enum Command {
     EvalConditioning(eval_conditioning::EvalConditioningArgs),
     /// Fit a projector (world vector -> K embedding rows) by ridge regression.
     FitProjector(fit_projector::FitProjectorArgs),
+    /// Fit a control map (world vector -> a residual-stream direction) by ridge regression.
+    FitControl(fit_control::FitControlArgs),
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -113,6 +116,7 @@ where
         Command::RandomProjector(args) => projector::run(args),
         Command::EvalConditioning(args) => eval_conditioning::run(args),
         Command::FitProjector(args) => fit_projector::run(args),
+        Command::FitControl(args) => fit_control::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),

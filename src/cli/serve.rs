@@ -110,8 +110,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_tokens: args.default_max_tokens as usize,
     };
     let settings = args.decoder.cond_settings();
+    let control = args.decoder.control()?;
     let load = move || {
-        let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?;
+        let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?
+            .with_control(control)?;
         print_notices(engine.decoder(), &config);
         Ok(engine)
     };

@@ -203,6 +203,10 @@ impl Decoder for LlamaDecoder {
         Some(self.active.load(Ordering::Relaxed))
     }
 
+    fn control_shape(&self) -> Option<(usize, usize)> {
+        Some((self.model.n_embd, self.model.n_layer))
+    }
+
     fn input_width(&self) -> Option<usize> {
         Some(self.model.width)
     }
@@ -304,10 +308,39 @@ impl LlamaDecoder {
         !self.model.mixed_batches
     }
 
-    /// What a control vector for this model must be: `(n_embd, n_layer)`;
-    /// it may cover layers `1..n_layer` (see [`ControlVector`]).
-    pub fn control_shape(&self) -> (usize, usize) {
-        (self.model.n_embd, self.model.n_layer)
+    /// The tokens of a prompt with no embedding rows, as a generation would
+    /// see them (the chat template applied to a chat prompt).
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<i32>, DecoderError> {
+        let (items, _) = self.model.items(prompt)?;
+        items
+            .iter()
+            .map(|item| match item {
+                Item::Token(t) => Ok(t.0),
+                Item::Row(..) => {
+                    Err(self.unsupported("list the tokens of a prompt with embedding rows"))
+                }
+            })
+            .collect()
+    }
+
+    /// A reader of the mean residual stream after `layers` (its own
+    /// context: up to `max_prompts` prompts of `max_tokens` in all per
+    /// pass), on this model.
+    pub fn residual_reader(
+        &self,
+        layers: std::ops::RangeInclusive<usize>,
+        max_tokens: u32,
+        max_prompts: u32,
+        threads: usize,
+    ) -> Result<ffi::ResidualReader<'_>, ffi::ResidualError> {
+        ffi::ResidualReader::new(
+            self.model.backend,
+            &self.model.model,
+            layers,
+            max_tokens,
+            max_prompts,
+            i32::try_from(threads.max(1)).unwrap_or(i32::MAX),
+        )
     }
 
     /// Queues `work` on the worker; its events come back on the receiver.

@@ -311,6 +311,11 @@ pub trait Decoder: Send + Sync {
     fn input_width(&self) -> Option<usize> {
         None
     }
+    /// What a control vector must fit, `(n_embd, n_layer)`, where the
+    /// backend applies control vectors.
+    fn control_shape(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// The model's tokens for `text`; `add_special` adds BOS where the
     /// model wants one and reads special-token text as such.
     fn tokenize(&self, _text: &str, _add_special: bool) -> Result<Vec<i32>, DecoderError> {

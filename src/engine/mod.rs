@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::conditioning::{CondFormat, CondMode, Conditioning, system_message};
 use crate::decoder::{
-    ChatMessage, Decoder, DecoderError, EMBEDDINGS_MARKER, Embeddings, EmbeddingsError,
-    GenerateRequest, Generation, Prompt, Role, Sampling, Sink,
+    ChatMessage, ControlError, ControlVector, Decoder, DecoderError, EMBEDDINGS_MARKER, Embeddings,
+    EmbeddingsError, GenerateRequest, Generation, Prompt, Role, Sampling, Sink,
 };
 use crate::projector::{Projector, ProjectorError};
 use crate::world::{WorldError, WorldModel};
@@ -46,6 +46,20 @@ pub enum EngineError {
         "ablate_conditioning zeroes a conditioning vector, and the caller's own embedding rows have none; send one or the other"
     )]
     AblateRows,
+    #[error(
+        "cvec conditioning needs a control map: make one with `tofy fit-control` and pass --control FILE (TOFY_CONTROL)"
+    )]
+    NoControl,
+    #[error(
+        "cvec conditioning needs control vectors, which the {backend} backend does not apply; use the llama backend (JEPA_DECODER_BACKEND=llama)"
+    )]
+    NoControlInput { backend: &'static str },
+    #[error("control map {path}: {source}")]
+    ControlMap {
+        path: String,
+        #[source]
+        source: ControlError,
+    },
 }
 
 /// How the engine conditions unless a request says otherwise.
@@ -79,6 +93,8 @@ pub struct Steer {
     pub conditioning: Option<Conditioning>,
     /// Prefix mode: the rows that take the numbers' place.
     pub rows: Option<Embeddings>,
+    /// Cvec mode: the control vector added to the decoder's residual stream.
+    pub control: Option<ControlVector>,
     /// World-model time (tokenize + forward; zero when it did not run).
     pub world_time: Duration,
 }
@@ -94,6 +110,7 @@ impl Steer {
         match self.mode {
             CondMode::Text => self.conditioning.is_some(),
             CondMode::Prefix => self.rows.is_some(),
+            CondMode::Cvec => self.control.is_some(),
             CondMode::None => false,
         }
     }
@@ -124,6 +141,8 @@ pub struct Engine {
     settings: CondSettings,
     /// For prefix mode; `None` when no projector fits the decoder.
     projector: Option<Projector>,
+    /// For cvec mode: a control map and the strength of its vectors.
+    control: Option<(Projector, f32)>,
 }
 
 impl Engine {
@@ -154,11 +173,51 @@ impl Engine {
             decoder,
             settings,
             projector,
+            control: None,
         };
         if settings.mode == CondMode::Prefix {
             engine.prefix_projector()?;
         }
         Ok(engine)
+    }
+
+    /// The engine with a control map for cvec mode (its vectors added at
+    /// `strength`), checked against the decoder; without one, an error when
+    /// the default mode is `cvec`.
+    pub fn with_control(mut self, control: Option<(Projector, f32)>) -> Result<Self, EngineError> {
+        if let Some((map, strength)) = &control {
+            let Some((n_embd, n_layer)) = self.decoder.control_shape() else {
+                return Err(EngineError::NoControlInput {
+                    backend: self.decoder.backend().name(),
+                });
+            };
+            // A zero world vector's control vector has the map's shape.
+            let probe = map.control(&vec![0.0; map.bridge_dim()], *strength)?;
+            probe
+                .check(n_embd, n_layer)
+                .map_err(|source| EngineError::ControlMap {
+                    path: map.source().to_string(),
+                    source,
+                })?;
+        }
+        self.control = control;
+        if self.settings.mode == CondMode::Cvec {
+            self.control_map()?;
+        }
+        Ok(self)
+    }
+
+    /// The control map and strength, or why cvec mode cannot run here.
+    pub fn control_map(&self) -> Result<(&Projector, f32), EngineError> {
+        if self.decoder.control_shape().is_none() {
+            return Err(EngineError::NoControlInput {
+                backend: self.decoder.backend().name(),
+            });
+        }
+        self.control
+            .as_ref()
+            .map(|(map, strength)| (map, *strength))
+            .ok_or(EngineError::NoControl)
     }
 
     pub fn world(&self) -> &WorldModel {
@@ -211,6 +270,7 @@ impl Engine {
             format: turn.format.unwrap_or(self.settings.format),
             conditioning: None,
             rows: None,
+            control: None,
             world_time: Duration::ZERO,
         };
         if let Some(rows) = &turn.rows {
@@ -246,6 +306,10 @@ impl Engine {
             CondMode::Prefix => Some(self.prefix_projector()?),
             _ => None,
         };
+        let control = match mode {
+            CondMode::Cvec => Some(self.control_map()?),
+            _ => None,
+        };
         let start = Instant::now();
         let conditioning = self
             .batcher
@@ -255,13 +319,17 @@ impl Engine {
         if let Some(projector) = projector {
             steer.rows = Some(projector.project(&conditioning.vector)?);
         }
+        if let Some((map, strength)) = control {
+            steer.control = Some(map.control(&conditioning.vector, strength)?);
+        }
         steer.conditioning = Some(conditioning);
         Ok(steer)
     }
 
     /// `conversation` with the turn's conditioning message in place (see
     /// [`with_conditioning`]): numbers in text mode, embedding rows at the
-    /// same place in prefix mode, nothing in `none` mode.
+    /// same place in prefix mode, nothing in `none` and `cvec` modes (the
+    /// control vector goes with the request: [`Steer::control`]).
     pub fn apply(&self, steer: &Steer, conversation: Vec<ChatMessage>) -> Prompt {
         match (steer.mode, &steer.conditioning, &steer.rows) {
             (CondMode::Text, Some(c), _) => Prompt::chat(with_conditioning(
@@ -287,6 +355,7 @@ impl Engine {
         let generate = GenerateRequest {
             stop: request.stop.clone(),
             prompt: self.apply(&steer, conversation),
+            control: steer.control.clone(),
             ..GenerateRequest::chat(Vec::new(), request.max_new_tokens, request.sampling.clone())
         };
         let generation = self.decoder.generate(&generate, sink)?;

@@ -123,9 +123,14 @@ impl From<EngineError> for ApiError {
             EngineError::WorldThread(err) => Self::internal(format!("world model: {err}")),
             // What a request asked for that this server cannot give it
             // (prefix mode without a projector or embedding input).
-            EngineError::NoProjector { .. } | EngineError::NoEmbeddingInput { .. } => {
+            EngineError::NoProjector { .. }
+            | EngineError::NoEmbeddingInput { .. }
+            | EngineError::NoControl
+            | EngineError::NoControlInput { .. } => {
                 Self::invalid_param("tofy.cond_mode", err.to_string())
             }
+            // The server's own control map, checked when it started.
+            EngineError::ControlMap { .. } => Self::internal(err.to_string()),
             // A vector of the wrong length, or one whose rows leave the
             // range embedding rows may take: the caller's vector.
             EngineError::Projector(

@@ -57,8 +57,9 @@ enum Event {
 
 struct Outcome {
     generation: Generation,
-    /// A chat turn's conditioning.
-    steer: Option<Steer>,
+    /// A chat turn's conditioning (boxed: it is large, and most events
+    /// are pieces).
+    steer: Option<Box<Steer>>,
 }
 
 /// How replies are shaped, fixed when the request is read.
@@ -470,6 +471,7 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
         } => (conversation, world_prompt, tools),
     };
     let steer = engine.steer(&world_prompt, &turn)?;
+    request.control = steer.control.clone();
     let prompt = |offer: Option<&str>| {
         let messages =
             offer.map_or_else(|| conversation.clone(), |o| offer_tools(&conversation, o));
@@ -487,11 +489,11 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
         }
         other => other?,
     };
-    Ok(state.finished(generation, Some(steer)))
+    Ok(state.finished(generation, Some(Box::new(steer))))
 }
 
 impl State {
-    fn finished(&self, generation: Generation, steer: Option<Steer>) -> Outcome {
+    fn finished(&self, generation: Generation, steer: Option<Box<Steer>>) -> Outcome {
         self.metrics.record_generation(&generation);
         Outcome { generation, steer }
     }
@@ -510,7 +512,7 @@ fn usage(g: &Generation) -> Usage {
 }
 
 fn report(shape: &Shape, outcome: &Outcome) -> Option<Value> {
-    let steer = outcome.steer.as_ref().filter(|_| shape.report)?;
+    let steer = outcome.steer.as_deref().filter(|_| shape.report)?;
     let c = steer.conditioning.as_ref();
     let report = ConditioningReport {
         cond_mode: steer.mode.name(),

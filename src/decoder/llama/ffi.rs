@@ -10,6 +10,9 @@
 //!   reproduces the token path.
 //! - [`Evaluator::set_control`]: the context's control vector
 //!   (`llama_set_adapter_cvec`, which `llama-cpp-2` does not wrap).
+//! - [`ResidualReader`]: the mean residual stream (`l_out-<layer>`) over a
+//!   span of a prompt, read through llama.cpp's graph callback (`cb_eval`),
+//!   which `fit-control` regresses onto.
 //! - [`input_width`] and [`architecture`] of a loaded model.
 //!
 //! Every `unsafe` block is here; the rest of the decoder only sees safe
@@ -17,10 +20,14 @@
 //! `vendor/` (`as_ptr` / `as_mut_ptr`).
 
 use std::ffi::{CStr, CString, c_void};
+use std::num::NonZeroU32;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_sys_2 as sys;
@@ -268,6 +275,259 @@ impl Drop for Evaluator<'_> {
         // SAFETY: allocated by llama_batch_ext_init, freed once, before the
         // context it points into.
         unsafe { sys::llama_batch_ext_free(self.batch.as_ptr()) };
+    }
+}
+
+/// What the graph callback gathers: for each span of batch rows, the
+/// per-column sums of those rows of each `l_out-<layer>` tensor for layers
+/// in `layers`, and how many rows were added.
+struct Tap {
+    layers: RangeInclusive<usize>,
+    n_embd: usize,
+    spans: Vec<Range<usize>>,
+    sums: Vec<Vec<f64>>,
+    rows: Vec<usize>,
+    /// A tensor of an unexpected type or shape was seen.
+    bad: bool,
+}
+
+impl Tap {
+    /// The layer of a residual-stream tensor this tap wants, by name.
+    fn wanted(&self, name: &str) -> Option<usize> {
+        name.strip_prefix("l_out-")
+            .and_then(|il| il.parse::<usize>().ok())
+            .filter(|il| self.layers.contains(il))
+    }
+}
+
+/// llama.cpp's `cb_eval`: asked first whether a tensor is wanted, then
+/// called again once it is computed. After the last wanted layer it
+/// answers false, which ends the evaluation there (`ggml_backend_sched`
+/// stops the graph; the logits are left unset and never read): the layers
+/// above and the output head are not computed at all.
+unsafe extern "C" fn tap_callback(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user_data: *mut c_void,
+) -> bool {
+    // SAFETY: llama.cpp passes a live tensor and the user data given at
+    // context creation, a `Tap` the `ResidualReader` owns and does not touch
+    // while it evaluates.
+    let (tensor, tap) = unsafe { (&*t, &mut *user_data.cast::<Tap>()) };
+    // SAFETY: a tensor's name is a NUL-terminated array.
+    let name = unsafe { CStr::from_ptr(tensor.name.as_ptr()) };
+    let layer = name.to_str().ok().and_then(|n| tap.wanted(n));
+    let Some(layer) = layer else {
+        return !ask;
+    };
+    if ask {
+        return true;
+    }
+    let (width, rows) = (tensor.ne[0] as usize, tensor.ne[1] as usize);
+    if tensor.type_ != sys::GGML_TYPE_F32
+        || width != tap.n_embd
+        || tensor.ne[2] != 1
+        || tensor.ne[3] != 1
+        || tensor.nb[0] != 4
+        || tap.spans.iter().any(|s| s.end > rows)
+    {
+        tap.bad = true;
+        return true;
+    }
+    let stride = tensor.nb[1];
+    let mut row = vec![0.0f32; width];
+    for (k, span) in tap.spans.iter().enumerate() {
+        for r in span.clone() {
+            // SAFETY: row r lies inside the tensor (r < ne[1], stride
+            // nb[1]); ggml copies it from whichever backend holds it.
+            unsafe {
+                sys::ggml_backend_tensor_get(t, row.as_mut_ptr().cast(), r * stride, width * 4);
+            }
+            for (s, v) in tap.sums[k].iter_mut().zip(&row) {
+                *s += f64::from(*v);
+            }
+            tap.rows[k] += 1;
+        }
+    }
+    layer != *tap.layers.end()
+}
+
+/// Why a residual mean could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResidualError {
+    #[error("llama.cpp could not create a context to read the residual stream")]
+    Context,
+    #[error("the prompts are {len} tokens in all; at most {max} fit one pass")]
+    TooLong { len: usize, max: usize },
+    #[error("{count} prompts in one pass; at most {max}")]
+    TooMany { count: usize, max: usize },
+    #[error("nothing to average: the span starts at {from} of {len} tokens")]
+    EmptySpan { from: usize, len: usize },
+    #[error(
+        "layer range {start}..={end} is outside this model's layers 0..={last} (the last layer, {n_layer} - 1, only keeps output rows)",
+        last = n_layer.saturating_sub(2)
+    )]
+    Layers {
+        start: usize,
+        end: usize,
+        n_layer: usize,
+    },
+    #[error(
+        "llama.cpp's residual tensors were not the expected f32 [n_embd, tokens] (or none was seen)"
+    )]
+    Shape,
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+/// Reads the mean residual stream over spans of prompts: a context of its
+/// own (one sequence per prompt, a unified cache and the whole pass in one
+/// ubatch, so that a tensor's rows are the prompts' tokens in the order
+/// they were added), with the graph callback set.
+pub struct ResidualReader<'m> {
+    /// Declared before the tap: fields drop in order, so the context is
+    /// freed before the tap it calls into.
+    eval: Evaluator<'m>,
+    tap: TapBox,
+    max_tokens: usize,
+    max_prompts: usize,
+}
+
+impl<'m> ResidualReader<'m> {
+    /// A reader of layers `layers` (each adds its output's rows) for up to
+    /// `max_prompts` prompts of `max_tokens` tokens in all per pass.
+    pub fn new(
+        backend: &LlamaBackend,
+        model: &'m LlamaModel,
+        layers: RangeInclusive<usize>,
+        max_tokens: u32,
+        max_prompts: u32,
+        threads: i32,
+    ) -> Result<Self, ResidualError> {
+        let n_layer = model.n_layer() as usize;
+        // The last layer keeps only the rows whose logits are asked for, so
+        // its output is not a whole prompt's residual stream.
+        if layers.start() > layers.end() || *layers.end() + 1 >= n_layer {
+            return Err(ResidualError::Layers {
+                start: *layers.start(),
+                end: *layers.end(),
+                n_layer,
+            });
+        }
+        let n_embd = usize::try_from(model.n_embd()).unwrap_or(0);
+        let tap = Box::into_raw(Box::new(Tap {
+            layers,
+            n_embd,
+            spans: Vec::new(),
+            sums: Vec::new(),
+            rows: Vec::new(),
+            bad: false,
+        }));
+        let tap = TapBox(NonNull::new(tap).expect("a Box is never null"));
+        // SAFETY: the tap stays allocated until after the context is freed
+        // (field order); the callback matches llama.cpp's signature.
+        let params = unsafe {
+            LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(max_tokens))
+                .with_n_batch(max_tokens)
+                .with_n_ubatch(max_tokens)
+                .with_n_seq_max(max_prompts.max(1))
+                .with_kv_unified(true)
+                .with_n_threads(threads)
+                .with_n_threads_batch(threads)
+                .with_cb_eval(Some(tap_callback), tap.0.as_ptr().cast())
+        };
+        let context = model
+            .new_context(backend, params)
+            .map_err(|_| ResidualError::Context)?;
+        Ok(Self {
+            eval: Evaluator::new(context),
+            tap,
+            max_tokens: max_tokens as usize,
+            max_prompts: max_prompts.max(1) as usize,
+        })
+    }
+
+    /// The mean, over tokens `from..` of `tokens` and over the reader's
+    /// layers, of the residual stream after each layer (`n_embd` values).
+    pub fn span_mean(
+        &mut self,
+        tokens: &[LlamaToken],
+        from: usize,
+    ) -> Result<Vec<f32>, ResidualError> {
+        Ok(self.span_means(&[(tokens, from)])?.remove(0))
+    }
+
+    /// [`Self::span_mean`] for several prompts in one pass, each in a
+    /// sequence of its own.
+    pub fn span_means(
+        &mut self,
+        prompts: &[(&[LlamaToken], usize)],
+    ) -> Result<Vec<Vec<f32>>, ResidualError> {
+        let total: usize = prompts.iter().map(|(t, _)| t.len()).sum();
+        if total > self.max_tokens {
+            return Err(ResidualError::TooLong {
+                len: total,
+                max: self.max_tokens,
+            });
+        }
+        if prompts.len() > self.max_prompts {
+            return Err(ResidualError::TooMany {
+                count: prompts.len(),
+                max: self.max_prompts,
+            });
+        }
+        let mut spans = Vec::with_capacity(prompts.len());
+        let mut offset = 0;
+        for &(tokens, from) in prompts {
+            if from >= tokens.len() {
+                return Err(ResidualError::EmptySpan {
+                    from,
+                    len: tokens.len(),
+                });
+            }
+            spans.push(offset + from..offset + tokens.len());
+            offset += tokens.len();
+        }
+        {
+            // SAFETY: no evaluation runs, so the callback does not hold it.
+            let tap = unsafe { self.tap.0.as_mut() };
+            tap.sums = vec![vec![0.0; tap.n_embd]; spans.len()];
+            tap.rows = vec![0; spans.len()];
+            tap.spans = spans;
+            tap.bad = false;
+        }
+        self.eval.clear_all();
+        self.eval.clear();
+        for (seq, &(tokens, _)) in prompts.iter().enumerate() {
+            for (i, &token) in tokens.iter().enumerate() {
+                let last = seq + 1 == prompts.len() && i + 1 == tokens.len();
+                self.eval.add_token(token, i as i32, seq as i32, last)?;
+            }
+        }
+        self.eval.process()?;
+        // SAFETY: the evaluation is over.
+        let tap = unsafe { self.tap.0.as_ref() };
+        if tap.bad || tap.rows.contains(&0) {
+            return Err(ResidualError::Shape);
+        }
+        Ok(tap
+            .sums
+            .iter()
+            .zip(&tap.rows)
+            .map(|(sums, &rows)| sums.iter().map(|s| (s / rows as f64) as f32).collect())
+            .collect())
+    }
+}
+
+/// The tap's allocation, freed when this drops: after the context that
+/// calls into it, as `ResidualReader` declares it after its evaluator.
+struct TapBox(NonNull<Tap>);
+
+impl Drop for TapBox {
+    fn drop(&mut self) {
+        // SAFETY: made by Box::into_raw, freed once, no context left to call it.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
 }
 

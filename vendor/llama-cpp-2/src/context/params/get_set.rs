@@ -728,4 +728,23 @@ impl LlamaContextParams {
     pub fn kv_unified(&self) -> bool {
         self.context_params.kv_unified
     }
+
+    /// tofy patch: sets llama.cpp's graph-evaluation callback (`cb_eval`,
+    /// `cb_eval_user_data`), which can observe intermediate tensors.
+    ///
+    /// # Safety
+    ///
+    /// `user_data` must stay valid, and `callback` sound to call with it,
+    /// for as long as any context made from these parameters lives; the
+    /// callback runs on the thread that evaluates the context.
+    #[must_use]
+    pub unsafe fn with_cb_eval(
+        mut self,
+        callback: llama_cpp_sys_2::ggml_backend_sched_eval_callback,
+        user_data: *mut std::ffi::c_void,
+    ) -> Self {
+        self.context_params.cb_eval = callback;
+        self.context_params.cb_eval_user_data = user_data;
+        self
+    }
 }
