@@ -13,7 +13,7 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector help
+.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -68,8 +68,16 @@ world-model: data
 	$(TOFY) train-world $(PAIRS) 4000 64 128 32 2 4 8000 256 --lr 1e-3 --seed 0 --out models/world
 	$(TOFY) eval-world models/world/model_world_1.51M.safetensors models/world/vocab_world.txt data/chitchat_pairs.heldout.tsv
 
-## projector: regenerate the embedded placeholder projector (models/projector/README.md)
-projector: build models
+## projector: refit the embedded projector (models/projector/README.md; the pick of scripts/search-projector.sh)
+projector: data models
+	$(TOFY) fit-projector data/chitchat_pairs.fit.tsv --k 4 --ridge 10 --row-norm 6 --seed 0 --decoder-model $(GGUF) --out models/projector/smollm2-135m-fitted.safetensors
+
+## control: refit the control map for cvec mode (models/control/README.md; about 10 min)
+control: data models
+	$(TOFY) fit-control data/chitchat_pairs.fit.tsv --n 1500 --ridge 10 --layers 10-20 --seed 0 --decoder-model $(GGUF) --out models/control/smollm2-135m-l10-20.safetensors
+
+## placeholder-projector: regenerate the random placeholder projector it replaced
+placeholder-projector: build models
 	$(TOFY) random-projector --k 4 --seed 0 --decoder-model $(GGUF) --out models/projector/smollm2-135m-placeholder.safetensors
 
 ## fixture: regenerate tests/fixtures/seed-tiny with the independent NumPy implementation

@@ -166,11 +166,13 @@ fn scheduler_streams(gguf: &Path, threads: usize, ng: usize) {
             Sampling::greedy(),
         )
     };
-    let cases: [(&str, [Option<&ControlVector>; 2]); 4] = [
-        ("plain + plain", [None, None]),
-        ("A + A (one call per step)", [Some(&a), Some(&a)]),
-        ("plain + A (two calls, one switch)", [None, Some(&a)]),
-        ("A + B (two calls, one switch)", [Some(&a), Some(&b)]),
+    let cases: [(&str, &[Option<&ControlVector>]); 6] = [
+        ("plain alone", &[None]),
+        ("A alone", &[Some(&a)]),
+        ("plain + plain", &[None, None]),
+        ("A + A (one call per step)", &[Some(&a), Some(&a)]),
+        ("plain + A (two calls, one switch)", &[None, Some(&a)]),
+        ("A + B (two calls, one switch)", &[Some(&a), Some(&b)]),
     ];
     for (name, controls) in cases {
         let mut rates = Vec::new();

@@ -339,10 +339,10 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
     };
     let prefix = run("prefix");
     assert_eq!(prefix["cond_mode"], "prefix");
-    assert_eq!(prefix["k"], 4, "the placeholder projector's K");
+    assert_eq!(prefix["k"], 4, "the embedded projector's K");
     assert_eq!(
         prefix["projector"],
-        "models/projector/smollm2-135m-placeholder.safetensors"
+        "models/projector/smollm2-135m-fitted.safetensors"
     );
     assert_eq!(prefix["conditioning"].as_array().unwrap().len(), 256);
     assert!(!prefix["reply"].as_str().unwrap().trim().is_empty());
@@ -373,7 +373,7 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
     );
     assert!(!stdout(&out).trim().is_empty());
 
-    // The embedded placeholder is what `make projector` writes.
+    // The random placeholder is what `make placeholder-projector` writes.
     let dir = tempfile::tempdir().unwrap();
     let again = dir.path().join("again.safetensors");
     let again_arg = again.display().to_string();
@@ -395,7 +395,10 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
             .unwrap()
             .project(&z)
             .unwrap(),
-        tofy::projector::Projector::embedded().project(&z).unwrap()
+        tofy::projector::Projector::load(Path::new(tofy::projector::PLACEHOLDER_PATH))
+            .unwrap()
+            .project(&z)
+            .unwrap()
     );
 
     // A projector for another width is one clear error.

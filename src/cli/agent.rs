@@ -383,7 +383,7 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         )?,
         Ok(None) => writeln!(
             out,
-            "projector:     embedded placeholder for SmolLM2-135M-Instruct (used where the decoder takes rows of 576)"
+            "projector:     embedded, fitted for SmolLM2-135M-Instruct (K=4; used where the decoder takes rows of 576)"
         )?,
         Err(err) => {
             writeln!(out, "projector:     {err}")?;

@@ -43,7 +43,7 @@ enum Command {
     Doctor(agent::DoctorArgs),
     /// Serve the OpenAI API (chat, completions, models) for OpenCode and other clients.
     Serve(serve::ServeArgs),
-    /// Write a fixed random projector for a GGUF (prefix mode's placeholder).
+    /// Write a fixed random projector for a GGUF (a placeholder, and a baseline).
     RandomProjector(projector::RandomProjectorArgs),
     /// Does the conditioning help? The decoder's NLL of held-out replies under each mode.
     EvalConditioning(eval_conditioning::EvalConditioningArgs),

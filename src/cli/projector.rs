@@ -1,6 +1,6 @@
-//! `tofy random-projector`: writes a fixed random projector for a GGUF, the
-//! placeholder that prefix mode uses until a fitted projector exists
-//! (`models/projector/README.md`).
+//! `tofy random-projector`: writes a fixed random projector for a GGUF, a
+//! placeholder for a decoder no projector has been fitted for, and the
+//! baseline fitted ones are compared with (`models/projector/README.md`).
 
 use std::path::PathBuf;
 

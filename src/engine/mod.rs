@@ -147,7 +147,7 @@ pub struct Engine {
 
 impl Engine {
     /// The engine, with `projector` (or, with none given, the embedded
-    /// placeholder where it fits the decoder). An error when the default
+    /// one where it fits the decoder). An error when the default
     /// mode is `prefix` and it cannot run, or a given projector does not fit.
     pub fn new(
         world: WorldModel,
