@@ -1044,9 +1044,14 @@ fn prefix_mode_chat_carries_the_world_vector_in_rows() {
             json!({ "prefix_embeddings": [[0.5, 0.5]] }),
             "tofy.prefix_embeddings",
         ),
-        // Finite, but its rows overflow.
+        // Finite, but far beyond a world vector's range: it could only
+        // overflow the projection.
         (
             json!({ "conditioning": vec![3e38; 256] }),
+            "tofy.conditioning",
+        ),
+        (
+            json!({ "conditioning": vec![2e6; 256] }),
             "tofy.conditioning",
         ),
         (

@@ -27,6 +27,9 @@ use crate::decoder::{
 };
 use crate::engine::{Steer, TurnOptions};
 
+/// The largest magnitude a caller's `tofy.conditioning` value may have.
+const MAX_CONDITIONING: f32 = 1e6;
+
 /// What a handler hands to the blocking thread.
 struct Job {
     input: Input,
@@ -110,12 +113,18 @@ fn turn_options(state: &State, tofy: TofyOptions) -> Result<TurnOptions, ApiErro
         )?),
         None => None,
     };
+    // World vectors are of order 1; a value far beyond that can only
+    // overflow the projection.
     if let Some(vector) = &tofy.conditioning
-        && let Some(i) = vector.iter().position(|v| !v.is_finite())
+        && let Some(i) = vector
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_CONDITIONING)
     {
         return Err(ApiError::invalid_param(
             "tofy.conditioning",
-            format!("tofy.conditioning[{i}] is not a finite number"),
+            format!(
+                "tofy.conditioning[{i}] is not a finite number within ±{MAX_CONDITIONING:e}; send the world model's vector (values of order 1)"
+            ),
         ));
     }
     Ok(TurnOptions {
