@@ -441,20 +441,7 @@ fn cvec_mode_steers_through_a_control_map() {
     // this checks the plumbing, docs/conditioning.md the effect).
     let dir = tempfile::tempdir().unwrap();
     let map_path = dir.path().join("control.safetensors");
-    let weight: Vec<f32> = (0..576 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
-    tofy::projector::Projector::from_parts(
-        weight,
-        vec![0.0; 576],
-        1,
-        576,
-        256,
-        Some(30.0),
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "test".into(),
-    )
-    .with_control_layers(10, 20)
-    .save(&map_path, "test control map")
-    .unwrap();
+    common::write_control_map(&map_path);
     let map = map_path.display().to_string();
     let run = |extra: &[&str]| -> serde_json::Value {
         let mut args = vec![

@@ -1094,20 +1094,7 @@ fn prefix_mode_chat_carries_the_world_vector_in_rows() {
 fn cvec_mode_per_request_beside_plain_requests() {
     let dir = tempfile::tempdir().unwrap();
     let map = dir.path().join("control.safetensors");
-    let weight: Vec<f32> = (0..576 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
-    tofy::projector::Projector::from_parts(
-        weight,
-        vec![0.0; 576],
-        1,
-        576,
-        256,
-        Some(30.0),
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "test".into(),
-    )
-    .with_control_layers(10, 20)
-    .save(&map, "test control map")
-    .unwrap();
+    common::write_control_map(&map);
     let map = map.display().to_string();
     let server = Server::start(&["--ctx", "512", "--parallel", "2", "--control", &map], &[]);
     let ask = |mode: &str| {

@@ -325,3 +325,23 @@ pub fn cancel_after(n: usize) -> impl FnMut(&str) -> std::ops::ControlFlow<()> {
         }
     }
 }
+
+/// A control map of fixed values for SmolLM2 (layers 10-20, output norm
+/// 30), as `tofy fit-control` writes one: for plumbing tests, not fitted.
+#[allow(dead_code)] // not every test binary uses it
+pub fn write_control_map(path: &std::path::Path) {
+    let weight: Vec<f32> = (0..576 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    tofy::projector::Projector::from_parts(
+        weight,
+        vec![0.0; 576],
+        1,
+        576,
+        256,
+        Some(30.0),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "test".into(),
+    )
+    .with_control_layers(10, 20)
+    .save(path, "test control map")
+    .unwrap();
+}
