@@ -9,15 +9,18 @@ TOFY     := target/release/tofy
 PROMPT   ?= write a short gpu recommendation
 # The demo's reply length: a short recommendation, not infer-agent's 4096-token default.
 DEMO_TOKENS ?= 256
+# The demo's conditioning mode: prefix, the trained projector's rows, the mode under which the
+# decoder most expects held-out replies (docs/conditioning.md); JEPA_DECODER_COND_MODE wins.
+DEMO_MODE ?= $(or $(JEPA_DECODER_COND_MODE),prefix)
 CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector control placeholder-projector help
+.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
-	$(TOFY) infer-agent "$(PROMPT)" --max-new-tokens $(DEMO_TOKENS)
+	$(TOFY) infer-agent "$(PROMPT)" --max-new-tokens $(DEMO_TOKENS) --cond-mode $(DEMO_MODE)
 
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
 test: setup models clients
@@ -71,6 +74,11 @@ world-model: data
 ## projector: refit the embedded projector (models/projector/README.md; the pick of scripts/search-projector.sh)
 projector: data models
 	$(TOFY) fit-projector data/chitchat_pairs.fit.tsv --k 4 --ridge 10 --row-norm 6 --seed 0 --decoder-model $(GGUF) --out models/projector/smollm2-135m-fitted.safetensors
+
+## trained-projector: train a projector by gradient through the frozen decoder and score it on the
+##       validation split (issue 13 item 4b, docs/conditioning.md; about 40 min on 2 cores)
+trained-projector: data models build
+	scripts/train-projector.sh
 
 ## control: refit the control map for cvec mode (models/control/README.md; about 10 min)
 control: data models

@@ -46,7 +46,7 @@ point() {
     score "$name" --projector "$out/$name.safetensors"
 }
 
-score placeholder
+score placeholder --projector models/projector/smollm2-135m-placeholder.safetensors
 point 4 10
 for k in 1 2 8 16; do point "$k" 10; done
 for ridge in 1 100 1000; do point 4 "$ridge"; done

@@ -14,12 +14,14 @@
 //! strength, is a control vector added at the output of those layers
 //! ([`Projector::control`]).
 //!
-//! The embedded default ([`Projector::embedded`]) is fitted for the embedded
-//! world model x SmolLM2-135M-Instruct (`tofy fit-projector`, K = 4, ridge
-//! 10, rows at norm 6, picked on a validation split); the random placeholder
-//! it replaced stays in the repository for comparison.
+//! The embedded default ([`Projector::embedded`]) is trained for the
+//! embedded world model x SmolLM2-135M-Instruct by gradient through the
+//! frozen decoder (`tofy train-projector`), starting from the ridge fit
+//! (`tofy fit-projector`, K = 4, ridge 10, rows at norm 6); the fit and the
+//! random placeholder before it stay in the repository for comparison.
 //! `models/projector/README.md` says how each was made and what each does
-//! (in short: no measurable gain from the world vector yet).
+//! (in short: the trained rows make replies far more likely, but another
+//! prompt's world vector does as well as the prompt's own).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,9 +35,9 @@ use crate::world::checkpoint::{self, TensorData};
 /// The format tag in the metadata.
 pub const FORMAT: &str = "projector/1";
 /// Where the embedded projector lives in the repository.
-pub const EMBEDDED_PATH: &str = "models/projector/smollm2-135m-fitted.safetensors";
-static EMBEDDED: &[u8] = include_bytes!("../models/projector/smollm2-135m-fitted.safetensors");
-/// The random placeholder it replaced (`make placeholder-projector`).
+pub const EMBEDDED_PATH: &str = "models/projector/smollm2-135m-trained.safetensors";
+static EMBEDDED: &[u8] = include_bytes!("../models/projector/smollm2-135m-trained.safetensors");
+/// The random placeholder the fitted projector replaced (`make placeholder-projector`).
 pub const PLACEHOLDER_PATH: &str = "models/projector/smollm2-135m-placeholder.safetensors";
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +97,7 @@ pub struct Projector {
 }
 
 impl Projector {
-    /// The embedded fitted projector for SmolLM2-135M-Instruct.
+    /// The embedded (trained) projector for SmolLM2-135M-Instruct.
     pub fn embedded() -> Self {
         Self::from_bytes(EMBEDDED, EMBEDDED_PATH).expect("the embedded projector is valid")
     }
@@ -317,6 +319,16 @@ impl Projector {
 
     pub fn bridge_dim(&self) -> usize {
         self.bridge_dim
+    }
+
+    /// L2 norm each row is rescaled to, if any.
+    pub fn row_norm(&self) -> Option<f32> {
+        self.row_norm
+    }
+
+    /// The weight `[k * n_embd][bridge_dim]` (row-major) and the bias.
+    pub fn parameters(&self) -> (&[f32], &[f32]) {
+        (&self.weight, &self.bias)
     }
 
     pub fn gguf_name(&self) -> &str {

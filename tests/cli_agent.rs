@@ -340,10 +340,7 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
     let prefix = run("prefix");
     assert_eq!(prefix["cond_mode"], "prefix");
     assert_eq!(prefix["k"], 4, "the embedded projector's K");
-    assert_eq!(
-        prefix["projector"],
-        "models/projector/smollm2-135m-fitted.safetensors"
-    );
+    assert_eq!(prefix["projector"], tofy::projector::EMBEDDED_PATH);
     assert_eq!(prefix["conditioning"].as_array().unwrap().len(), 256);
     assert!(!prefix["reply"].as_str().unwrap().trim().is_empty());
     let text = run("text");

@@ -440,3 +440,53 @@ fn bad_embedding_prompts_are_clear_errors() {
         "Hello, world!"
     );
 }
+
+#[test]
+fn layout_shows_the_prompt_as_the_model_reads_it() {
+    let decoder = load(1);
+    let table = table();
+    let rows = rows_of(&table, &decoder.tokenize("two rows", false).unwrap());
+    assert_eq!(rows.n_rows(), 2);
+    let prompt = Prompt::Chat {
+        messages: vec![
+            ChatMessage::new(Role::System, format!("Steer: {EMBEDDINGS_MARKER}")),
+            ChatMessage::new(Role::User, "hello"),
+        ],
+        embeddings: vec![rows.clone()],
+    };
+    let segments = decoder.layout(&prompt).unwrap();
+    let [
+        Segment::Tokens(before),
+        Segment::Embeddings(got),
+        Segment::Tokens(after),
+    ] = segments.as_slice()
+    else {
+        panic!("{segments:?}")
+    };
+    assert_eq!(*got, rows);
+    // The tokens are the template's text around the marker, BOS first.
+    let text = decoder.detokenize(before).unwrap()
+        + EMBEDDINGS_MARKER
+        + &decoder.detokenize(after).unwrap();
+    assert!(text.contains("Steer: <tofy:embeddings>"), "{text}");
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    // Plain text is one run of tokens; a marker typed into a message, one
+    // more than the sets of rows, is refused as generate refuses it.
+    let plain = decoder.layout(&Prompt::text("hello there")).unwrap();
+    assert!(matches!(plain.as_slice(), [Segment::Tokens(t)] if t.len() >= 2));
+    let stray = Prompt::Chat {
+        messages: vec![
+            ChatMessage::new(Role::System, EMBEDDINGS_MARKER),
+            ChatMessage::new(Role::User, EMBEDDINGS_MARKER),
+        ],
+        embeddings: vec![rows],
+    };
+    assert!(matches!(
+        decoder.layout(&stray),
+        Err(DecoderError::Markers {
+            markers: 2,
+            sets: 1,
+            ..
+        })
+    ));
+}

@@ -76,7 +76,7 @@ pub struct DecoderArgs {
     /// (projected embedding rows in their place), none.
     #[arg(long, env = "JEPA_DECODER_COND_MODE", value_enum, default_value_t = CondMode::Text)]
     pub cond_mode: CondMode,
-    /// Projector for prefix mode (safetensors) [default: the embedded fitted one for
+    /// Projector for prefix mode (safetensors) [default: the embedded trained one for
     /// SmolLM2-135M-Instruct].
     #[arg(long, env = "TOFY_PROJECTOR", value_name = "FILE")]
     pub projector: Option<PathBuf>,

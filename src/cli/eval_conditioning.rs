@@ -7,23 +7,19 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::WorldArgs;
 use super::decoder_args::DecoderArgs;
 use crate::data::pairs;
 use crate::decoder::{self, DecoderConfig};
 use crate::engine::Engine;
 use crate::eval_conditioning::{self as ec, EvalOptions};
-use crate::world::{LoadOptions, WorldModel};
 
 #[derive(Debug, Args)]
 pub struct EvalConditioningArgs {
     /// `context<TAB>reply` pairs (e.g. data/chitchat_pairs.heldout.tsv).
     pairs: PathBuf,
-    /// World-model checkpoint [default: the embedded default].
-    #[arg(long, value_name = "MODEL", requires = "vocab")]
-    world: Option<PathBuf>,
-    /// Its vocab_world.txt.
-    #[arg(long, value_name = "VOCAB", requires = "world")]
-    vocab: Option<PathBuf>,
+    #[command(flatten)]
+    world: WorldArgs,
     /// Pairs to score, drawn with --seed (all of them when there are fewer).
     #[arg(long, default_value_t = 200, value_name = "N",
           value_parser = clap::value_parser!(u32).range(2..))]
@@ -56,11 +52,7 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     if picked.len() < 2 {
         return Err(ec::EvalError::TooFew(picked.len()).into());
     }
-    let world = match (&args.world, &args.vocab) {
-        (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &LoadOptions::default())?,
-        _ => WorldModel::load_default(&LoadOptions::default())
-            .context("loading the embedded default world model")?,
-    };
+    let world = args.world.load()?;
     let projector = args.decoder.projector()?;
     let config = DecoderConfig {
         parallel: args.parallel as usize,

@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::WorldArgs;
 use super::decoder_args::DecoderArgs;
 use crate::data::pairs;
 use crate::decoder::llama::LlamaDecoder;
 use crate::decoder::{ChatMessage, DecoderConfig, Prompt, Role, discovery};
 use crate::eval_conditioning::sample;
-use crate::world::{LoadOptions, WorldModel};
 use llama_cpp_2::token::LlamaToken;
 
 /// Prompt + reply tokens of one pair; longer pairs are skipped.
@@ -38,12 +38,8 @@ pub struct FitControlArgs {
     /// Where to write the control map (safetensors).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// World-model checkpoint [default: the embedded default].
-    #[arg(long, value_name = "MODEL", requires = "vocab")]
-    world: Option<PathBuf>,
-    /// Its vocab_world.txt.
-    #[arg(long, value_name = "VOCAB", requires = "world")]
-    vocab: Option<PathBuf>,
+    #[command(flatten)]
+    world: WorldArgs,
     /// Layers the vector is added at, inclusive, llama.cpp's numbering
     /// (`START-END`; 1 <= START, END below the last layer).
     #[arg(long, default_value = "10-20", value_name = "START-END", value_parser = parse_layers)]
@@ -76,11 +72,7 @@ pub fn run(args: FitControlArgs) -> anyhow::Result<()> {
         args.ridge
     );
     let picked = sample(&pairs::read(&args.pairs)?, args.n as usize, args.seed);
-    let world = match (&args.world, &args.vocab) {
-        (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &LoadOptions::default())?,
-        _ => WorldModel::load_default(&LoadOptions::default())
-            .context("loading the embedded default world model")?,
-    };
+    let world = args.world.load()?;
     let base = args.decoder.config();
     let gguf = discovery::find_model(base.model.as_deref(), &base.search_root)?.context(
         "fit-control needs a decoder GGUF: set JEPA_DECODER_MODEL or put one under ./models",

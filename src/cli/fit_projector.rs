@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::WorldArgs;
 use super::decoder_args::DecoderArgs;
 use crate::data::pairs;
 use crate::decoder::llama::ffi::TokenEmbeddings;
 use crate::decoder::{self, DecoderConfig};
 use crate::eval_conditioning::sample;
-use crate::world::{LoadOptions, WorldModel};
 
 #[derive(Debug, Args)]
 pub struct FitProjectorArgs {
@@ -20,12 +20,8 @@ pub struct FitProjectorArgs {
     /// Where to write the projector (safetensors).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// World-model checkpoint [default: the embedded default].
-    #[arg(long, value_name = "MODEL", requires = "vocab")]
-    world: Option<PathBuf>,
-    /// Its vocab_world.txt.
-    #[arg(long, value_name = "VOCAB", requires = "world")]
-    vocab: Option<PathBuf>,
+    #[command(flatten)]
+    world: WorldArgs,
     /// Embedding rows per conditioning vector.
     #[arg(long, default_value_t = 4, value_name = "K",
           value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -65,11 +61,7 @@ pub fn run(args: FitProjectorArgs) -> anyhow::Result<()> {
         );
     }
     let picked = sample(&pairs::read(&args.pairs)?, args.n as usize, args.seed);
-    let world = match (&args.world, &args.vocab) {
-        (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &LoadOptions::default())?,
-        _ => WorldModel::load_default(&LoadOptions::default())
-            .context("loading the embedded default world model")?,
-    };
+    let world = args.world.load()?;
     // The decoder is loaded for its tokenizer and chat template only.
     let config = DecoderConfig {
         ctx: 256,

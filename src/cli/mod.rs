@@ -10,6 +10,7 @@ mod fit_projector;
 mod projector;
 mod serve;
 mod train;
+mod train_projector;
 
 use std::ffi::OsString;
 
@@ -51,6 +52,31 @@ enum Command {
     FitProjector(fit_projector::FitProjectorArgs),
     /// Fit a control map (world vector -> a residual-stream direction) by ridge regression.
     FitControl(fit_control::FitControlArgs),
+    /// Train a projector by gradient through the frozen decoder (needs the `train` feature).
+    TrainProjector(train_projector::TrainProjectorArgs),
+}
+
+/// `--world MODEL --vocab VOCAB`: a world-model checkpoint, or the
+/// embedded default without them.
+#[derive(Debug, Args)]
+pub struct WorldArgs {
+    /// World-model checkpoint [default: the embedded default].
+    #[arg(long, value_name = "MODEL", requires = "vocab")]
+    world: Option<std::path::PathBuf>,
+    /// Its vocab_world.txt.
+    #[arg(long, value_name = "VOCAB", requires = "world")]
+    vocab: Option<std::path::PathBuf>,
+}
+
+impl WorldArgs {
+    /// The checkpoint given, or the embedded default.
+    pub fn load(&self) -> anyhow::Result<WorldModel> {
+        Ok(match (&self.world, &self.vocab) {
+            (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &LoadOptions::default())?,
+            _ => WorldModel::load_default(&LoadOptions::default())
+                .context("loading the embedded default world model")?,
+        })
+    }
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -117,6 +143,7 @@ where
         Command::EvalConditioning(args) => eval_conditioning::run(args),
         Command::FitProjector(args) => fit_projector::run(args),
         Command::FitControl(args) => fit_control::run(args),
+        Command::TrainProjector(args) => train_projector::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),

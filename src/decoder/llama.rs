@@ -250,6 +250,33 @@ impl Decoder for LlamaDecoder {
         (eos.0 >= 0).then(|| self.detokenize(&[eos.0]).ok())?
     }
 
+    fn layout(&self, prompt: &Prompt) -> Result<Vec<Segment>, DecoderError> {
+        let (items, _) = self.model.items(prompt)?;
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut rows: Vec<f32> = Vec::new();
+        let flush_rows = |rows: &mut Vec<f32>, segments: &mut Vec<Segment>| {
+            if !rows.is_empty() {
+                let e = Embeddings::new(std::mem::take(rows), self.model.width)
+                    .expect("rows already checked");
+                segments.push(Segment::Embeddings(e));
+            }
+        };
+        for item in items {
+            match item {
+                Item::Token(token) => {
+                    flush_rows(&mut rows, &mut segments);
+                    match segments.last_mut() {
+                        Some(Segment::Tokens(ids)) => ids.push(token.0),
+                        _ => segments.push(Segment::Tokens(vec![token.0])),
+                    }
+                }
+                Item::Row(e, r) => rows.extend_from_slice(e.row(r)),
+            }
+        }
+        flush_rows(&mut rows, &mut segments);
+        Ok(segments)
+    }
+
     fn score(&self, request: &ScoreRequest) -> Result<Score, DecoderError> {
         let (events_rx, _) = self.submit(Work::Score(request.clone()), request.cancel.clone())?;
         for event in events_rx {

@@ -330,6 +330,12 @@ pub trait Decoder: Send + Sync {
     fn end_of_turn(&self) -> Option<String> {
         None
     }
+    /// The prompt as the model reads it: runs of token ids and the
+    /// embedding rows between them, in order (what `generate` and `score`
+    /// evaluate), where the backend tokenizes.
+    fn layout(&self, _prompt: &Prompt) -> Result<Vec<Segment>, DecoderError> {
+        Err(self.unsupported("lay out a prompt"))
+    }
     /// Teacher-forced log-probabilities of a continuation.
     fn score(&self, _request: &ScoreRequest) -> Result<Score, DecoderError> {
         Err(self.unsupported("score a continuation"))

@@ -3,9 +3,13 @@
 //!
 //! - [`model`]: the network in candle, also the reference the ndarray
 //!   forward pass is tested and benchmarked against;
-//! - [`trainer`]: the JEPA training loop behind `tofy train-world`.
+//! - [`trainer`]: the JEPA training loop behind `tofy train-world`;
+//! - [`llama`]: a frozen Llama with a gradient to its input rows, and
+//!   [`projector`]: the projector trained through it (`tofy train-projector`).
 
+pub mod llama;
 pub mod model;
+pub mod projector;
 pub mod trainer;
 
 use std::collections::HashMap;
