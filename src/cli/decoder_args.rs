@@ -11,7 +11,7 @@ use crate::decoder::config::{
     self, CacheType, DEFAULT_BIN, DEFAULT_CTX, DEFAULT_MIN_P, DEFAULT_NGL, DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P,
 };
-use crate::decoder::{BackendKind, DecoderConfig, Sampling};
+use crate::decoder::{BackendKind, Decoder, DecoderConfig, Sampling};
 use crate::engine::CondSettings;
 use crate::projector::{Projector, ProjectorError};
 
@@ -231,4 +231,28 @@ fn parse_strength(s: &str) -> Result<f32, String> {
 fn parse_threads(s: &str) -> Result<u32, String> {
     let what = "JEPA_DECODER_THREADS / --threads must be a whole number, at least 1";
     parse_checked(s, what, |&n| n >= 1)
+}
+
+/// The decoder's GGUF and the text that ends its assistant turns, for a
+/// `command` that reads replies through the llama backend's tokenizer.
+pub fn gguf_and_end_of_turn(
+    decoder: &dyn Decoder,
+    command: &str,
+) -> anyhow::Result<(PathBuf, String)> {
+    use anyhow::Context;
+    let gguf = decoder
+        .model_path()
+        .with_context(|| {
+            format!(
+                "{command} needs a decoder GGUF: set JEPA_DECODER_MODEL or put one under ./models"
+            )
+        })?
+        .to_path_buf();
+    let end_of_turn = decoder.end_of_turn().with_context(|| {
+        format!(
+            "the {} backend has no tokenizer to read replies with; {command} needs the llama backend",
+            decoder.backend().name()
+        )
+    })?;
+    Ok((gguf, end_of_turn))
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::WorldArgs;
-use super::decoder_args::DecoderArgs;
+use super::decoder_args::{DecoderArgs, gguf_and_end_of_turn};
 use crate::data::pairs;
 use crate::decoder::llama::ffi::TokenEmbeddings;
 use crate::decoder::{self, DecoderConfig};
@@ -68,18 +68,7 @@ pub fn run(args: FitProjectorArgs) -> anyhow::Result<()> {
         ..args.decoder.config()
     };
     let decoder = decoder::open(&config)?;
-    let gguf = decoder
-        .model_path()
-        .context(
-            "fit-projector needs a decoder GGUF: set JEPA_DECODER_MODEL or put one under ./models",
-        )?
-        .to_path_buf();
-    let end_of_turn = decoder.end_of_turn().with_context(|| {
-        format!(
-            "the {} backend has no tokenizer to read replies with; use the llama backend",
-            decoder.backend().name()
-        )
-    })?;
+    let (gguf, end_of_turn) = gguf_and_end_of_turn(decoder.as_ref(), "fit-projector")?;
     let table = TokenEmbeddings::open(&gguf)?;
     let k = args.k as usize;
     eprintln!(

@@ -50,8 +50,7 @@ pub struct TrainProjectorArgs {
 
 #[cfg(feature = "train")]
 pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
-
+    use super::decoder_args::gguf_and_end_of_turn;
     use crate::data::pairs;
     use crate::decoder::{self, DecoderConfig};
     use crate::engine::Engine;
@@ -86,16 +85,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     )?;
     let init = engine.prefix_projector()?.clone();
     let decoder = engine.decoder();
-    let gguf = decoder
-        .model_path()
-        .context("train-projector needs a decoder GGUF: set JEPA_DECODER_MODEL or put one under ./models")?
-        .to_path_buf();
-    let end_of_turn = decoder.end_of_turn().with_context(|| {
-        format!(
-            "the {} backend has no tokenizer; train-projector needs the llama backend",
-            decoder.backend().name()
-        )
-    })?;
+    let (gguf, end_of_turn) = gguf_and_end_of_turn(decoder, "train-projector")?;
     let (before, examples, skipped) = tp::examples(
         &engine,
         &picked,
