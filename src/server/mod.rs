@@ -28,7 +28,7 @@ pub mod tools;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
@@ -172,7 +172,10 @@ where
     });
     let data = web::Data::from(Arc::clone(&state));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
-    let load_error = Arc::new(OnceLock::new());
+    // The loader sets its error before it stops the server, so the error is
+    // there when `server.await` returns. (Unwrapping the Arc instead raced
+    // the loader thread's own drop of its clone: a failed load could exit 0.)
+    let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     actix_web::rt::System::new().block_on(async {
         let server = HttpServer::new(move || {
             App::new()
@@ -196,17 +199,18 @@ where
                     eprintln!("tofy serve: decoder ready");
                 }
                 Err(err) => {
-                    let _ = loader_error.set(err);
+                    *loader_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
                     // stop() sends its command at once; nobody awaits it.
                     drop(handle.stop(false));
                 }
             })?;
         server.await
     })?;
-    match Arc::try_unwrap(load_error)
-        .ok()
-        .and_then(OnceLock::into_inner)
-    {
+    let failed = load_error
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match failed {
         Some(err) => Err(ServeError::Load(err)),
         None => Ok(()),
     }
