@@ -28,6 +28,7 @@ use crate::decoder::ControlVector;
 use crate::decoder::{ChatMessage, DecoderError, Role, ScoreRequest};
 use crate::engine::{Engine, EngineError, Steer};
 use crate::projector::{Projector, ProjectorError};
+use crate::world::{WorldError, WorldModel};
 
 /// What the decoder sees before the user turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -167,6 +168,17 @@ pub fn sample(pairs: &[Pair], n: usize, seed: u64) -> Vec<Pair> {
     picked
 }
 
+/// The world model's conditioning vector of each pair's context (one
+/// batched pass).
+pub fn context_vectors(world: &WorldModel, pairs: &[Pair]) -> Result<Vec<Vec<f32>>, WorldError> {
+    let contexts: Vec<&str> = pairs.iter().map(|p| p.context.as_str()).collect();
+    Ok(world
+        .condition_batch(&contexts)?
+        .into_iter()
+        .map(|c| c.vector)
+        .collect())
+}
+
 /// A permutation of `0..n` with no fixed point (for n >= 2): each pair gets
 /// another pair's vector.
 pub fn derangement(n: usize, seed: u64) -> Vec<usize> {
@@ -303,14 +315,7 @@ pub fn score_pairs(
     if options.control.is_none() && options.modes.iter().any(|m| m.needs_control()) {
         return Err(EvalError::NoControl);
     }
-    let contexts: Vec<&str> = pairs.iter().map(|p| p.context.as_str()).collect();
-    let vectors: Vec<Vec<f32>> = engine
-        .world()
-        .condition_batch(&contexts)
-        .map_err(EngineError::from)?
-        .into_iter()
-        .map(|c| c.vector)
-        .collect();
+    let vectors = context_vectors(engine.world(), pairs).map_err(EngineError::from)?;
     let width = vectors[0].len();
     let mut mean = vec![0.0f32; width];
     for v in &vectors {

@@ -474,6 +474,18 @@ fn layout_shows_the_prompt_as_the_model_reads_it() {
     // more than the sets of rows, is refused as generate refuses it.
     let plain = decoder.layout(&Prompt::text("hello there")).unwrap();
     assert!(matches!(plain.as_slice(), [Segment::Tokens(t)] if t.len() >= 2));
+    // prompt_tokens is that run, and refuses a prompt with rows.
+    let Segment::Tokens(run) = &plain[0] else {
+        unreachable!()
+    };
+    assert_eq!(
+        decoder.prompt_tokens(&Prompt::text("hello there")).unwrap(),
+        *run
+    );
+    assert!(matches!(
+        decoder.prompt_tokens(&prompt),
+        Err(DecoderError::Unsupported { .. })
+    ));
     let stray = Prompt::Chat {
         messages: vec![
             ChatMessage::new(Role::System, EMBEDDINGS_MARKER),

@@ -21,8 +21,8 @@ use super::WorldArgs;
 use super::decoder_args::DecoderArgs;
 use crate::data::pairs;
 use crate::decoder::llama::LlamaDecoder;
-use crate::decoder::{ChatMessage, DecoderConfig, Prompt, Role, discovery};
-use crate::eval_conditioning::sample;
+use crate::decoder::{ChatMessage, Decoder, DecoderConfig, Prompt, Role, discovery};
+use crate::eval_conditioning::{context_vectors, sample};
 use llama_cpp_2::token::LlamaToken;
 
 /// Prompt + reply tokens of one pair; longer pairs are skipped.
@@ -83,12 +83,14 @@ pub fn run(args: FitControlArgs) -> anyhow::Result<()> {
         ..base
     };
     let decoder = LlamaDecoder::load(&gguf, &config)?;
-    let end_of_turn = crate::decoder::Decoder::end_of_turn(&decoder)
+    let end_of_turn = decoder
+        .end_of_turn()
         .context("the GGUF has no chat template to read an end-of-turn token from")?;
     let (start, end) = args.layers;
     let mut reader =
         decoder.residual_reader(start..=end, PASS_TOKENS, PASS_PROMPTS, config.threads)?;
-    let (n_embd, _) = crate::decoder::Decoder::control_shape(&decoder)
+    let (n_embd, _) = decoder
+        .control_shape()
         .expect("the llama backend applies control vectors");
     eprintln!(
         "fit-control: {} pairs of {}, layers {start}-{end}, ridge {}",
@@ -97,22 +99,17 @@ pub fn run(args: FitControlArgs) -> anyhow::Result<()> {
         args.ridge
     );
 
-    let contexts: Vec<&str> = picked.iter().map(|p| p.context.as_str()).collect();
-    let conditioned = world.condition_batch(&contexts)?;
+    let vectors = context_vectors(&world, &picked)?;
     // Each pair: its world vector, its tokens and where the reply starts.
     let mut prepared = Vec::with_capacity(picked.len());
-    for (pair, c) in picked.iter().zip(conditioned) {
+    for (pair, vector) in picked.iter().zip(vectors) {
         let prompt = Prompt::chat(vec![ChatMessage::new(Role::User, pair.context.as_str())]);
         let mut tokens = decoder.prompt_tokens(&prompt)?;
         let from = tokens.len();
-        tokens.extend(crate::decoder::Decoder::tokenize(
-            &decoder,
-            &format!("{}{end_of_turn}", pair.next),
-            false,
-        )?);
+        tokens.extend(decoder.tokenize(&format!("{}{end_of_turn}", pair.next), false)?);
         if tokens.len() <= MAX_TOKENS as usize {
             let tokens: Vec<LlamaToken> = tokens.into_iter().map(LlamaToken).collect();
-            prepared.push((c.vector, tokens, from));
+            prepared.push((vector, tokens, from));
         }
     }
     let skipped = picked.len() - prepared.len();

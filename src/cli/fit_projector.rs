@@ -11,7 +11,7 @@ use super::decoder_args::{DecoderArgs, gguf_and_end_of_turn};
 use crate::data::pairs;
 use crate::decoder::llama::ffi::TokenEmbeddings;
 use crate::decoder::{self, DecoderConfig};
-use crate::eval_conditioning::sample;
+use crate::eval_conditioning::{context_vectors, sample};
 
 #[derive(Debug, Args)]
 pub struct FitProjectorArgs {
@@ -77,12 +77,7 @@ pub fn run(args: FitProjectorArgs) -> anyhow::Result<()> {
         args.pairs.display(),
         args.ridge
     );
-    let contexts: Vec<&str> = picked.iter().map(|p| p.context.as_str()).collect();
-    let vectors: Vec<Vec<f32>> = world
-        .condition_batch(&contexts)?
-        .into_iter()
-        .map(|c| c.vector)
-        .collect();
+    let vectors = context_vectors(&world, &picked)?;
     let mut targets = Vec::with_capacity(picked.len());
     for pair in &picked {
         let tokens = decoder.tokenize(&format!("{}{end_of_turn}", pair.next), false)?;

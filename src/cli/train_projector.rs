@@ -54,7 +54,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     use crate::data::pairs;
     use crate::decoder::{self, DecoderConfig};
     use crate::engine::Engine;
-    use crate::eval_conditioning::sample;
+    use crate::eval_conditioning::{context_vectors, sample};
     use crate::train::llama::FrozenLlama;
     use crate::train::projector::{self as tp, ProjectorTrainConfig, ReplyScorer};
 
@@ -65,12 +65,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     );
     let picked = sample(&pairs::read(&args.pairs)?, args.n as usize, args.seed);
     let world = args.world.load()?;
-    let contexts: Vec<&str> = picked.iter().map(|p| p.context.as_str()).collect();
-    let vectors: Vec<Vec<f32>> = world
-        .condition_batch(&contexts)?
-        .into_iter()
-        .map(|c| c.vector)
-        .collect();
+    let vectors = context_vectors(&world, &picked)?;
     // The decoder lays the prompts out (tokenizer, chat template) and scores
     // two of them to check the differentiable copy against llama.cpp.
     let config = DecoderConfig {

@@ -335,21 +335,6 @@ impl LlamaDecoder {
         !self.model.mixed_batches
     }
 
-    /// The tokens of a prompt with no embedding rows, as a generation would
-    /// see them (the chat template applied to a chat prompt).
-    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<i32>, DecoderError> {
-        let (items, _) = self.model.items(prompt)?;
-        items
-            .iter()
-            .map(|item| match item {
-                Item::Token(t) => Ok(t.0),
-                Item::Row(..) => {
-                    Err(self.unsupported("list the tokens of a prompt with embedding rows"))
-                }
-            })
-            .collect()
-    }
-
     /// A reader of the mean residual stream after `layers` (its own
     /// context: up to `max_prompts` prompts of `max_tokens` in all per
     /// pass), on this model.

@@ -336,6 +336,16 @@ pub trait Decoder: Send + Sync {
     fn layout(&self, _prompt: &Prompt) -> Result<Vec<Segment>, DecoderError> {
         Err(self.unsupported("lay out a prompt"))
     }
+    /// The tokens of a prompt with no embedding rows, as a generation would
+    /// see them (the chat template applied to a chat prompt): its
+    /// [`layout`](Self::layout), which must be one run of tokens.
+    fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<i32>, DecoderError> {
+        match self.layout(prompt)?.as_slice() {
+            [] => Ok(Vec::new()),
+            [Segment::Tokens(tokens)] => Ok(tokens.clone()),
+            _ => Err(self.unsupported("list the tokens of a prompt with embedding rows")),
+        }
+    }
     /// Teacher-forced log-probabilities of a continuation.
     fn score(&self, _request: &ScoreRequest) -> Result<Score, DecoderError> {
         Err(self.unsupported("score a continuation"))
