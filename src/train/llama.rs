@@ -25,15 +25,13 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{CpuStorage, D, DType, Device, Layout, Result, Shape, Tensor};
 
-/// The shape of a Llama: what the GGUF's metadata says.
+/// What the forward pass needs beyond the weights' own shapes (layer count,
+/// vocabulary and feed-forward width come from the tensors).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LlamaShape {
     pub n_embd: usize,
-    pub n_layer: usize,
     pub n_head: usize,
     pub n_head_kv: usize,
-    pub n_ff: usize,
-    pub n_vocab: usize,
     pub rms_eps: f64,
     pub rope_base: f64,
 }
@@ -133,11 +131,8 @@ impl FrozenLlama {
         let n_layer = number("block_count")?;
         let shape = LlamaShape {
             n_embd: number("embedding_length")?,
-            n_layer,
             n_head: number("attention.head_count")?,
             n_head_kv: number("attention.head_count_kv")?,
-            n_ff: number("feed_forward_length")?,
-            n_vocab: token_embd.dim(0)?,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
             rope_base: float("rope.freq_base", 10_000.0)?,
         };
@@ -408,11 +403,8 @@ mod tests {
     fn tiny() -> FrozenLlama {
         let shape = LlamaShape {
             n_embd: 8,
-            n_layer: 2,
             n_head: 2,
             n_head_kv: 1,
-            n_ff: 12,
-            n_vocab: 11,
             rms_eps: 1e-5,
             rope_base: 10_000.0,
         };
