@@ -5,6 +5,9 @@ SHELL    := /bin/bash
 CARGO    ?= cargo
 # One feature set and one profile for every target, so nothing is compiled twice.
 FEATURES := --features train
+# Tests also build the fault-injection points (src/fault.rs) that tests/faults.rs drives; shipped
+# binaries (`make build`, `make demo`) never have them.
+TEST_FEATURES := --features train,fault-injection
 TOFY     := target/release/tofy
 PROMPT   ?= write a short gpu recommendation
 # The demo's reply length: a short recommendation, not infer-agent's 4096-token default.
@@ -25,9 +28,9 @@ demo: setup build models
 ## test: formatting, clippy -D warnings, and every test (optimised build, one profile for all)
 test: setup models clients
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --release --locked $(FEATURES) --all-targets -- -D warnings
-	$(CARGO) test --release --locked $(FEATURES)
-	$(CARGO) run --release --locked $(FEATURES) --example prefix_experiment
+	$(CARGO) clippy --release --locked $(TEST_FEATURES) --all-targets -- -D warnings
+	$(CARGO) test --release --locked $(TEST_FEATURES)
+	$(CARGO) run --release --locked $(TEST_FEATURES) --example prefix_experiment
 
 ## setup: check the toolchain and install the system packages the build needs
 setup:

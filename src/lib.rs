@@ -11,6 +11,7 @@
 //!   backends, model discovery and the `JEPA_DECODER_*` settings.
 //! - [`engine`]: prompt → world model → conditioning → decoder, shared by the
 //!   CLI and the server.
+//! - [`fault`]: panic messages, and the test-only fault-injection points.
 //! - [`fit_projector`]: ridge regression from world vectors to target rows.
 //! - [`projector`]: world vector → embedding rows for prefix conditioning.
 //! - [`server`]: the OpenAI-compatible HTTP server (`tofy serve`).
@@ -28,6 +29,7 @@ pub mod decoder;
 pub mod engine;
 pub mod eval;
 pub mod eval_conditioning;
+pub mod fault;
 pub mod fit_projector;
 pub mod projector;
 pub mod server;

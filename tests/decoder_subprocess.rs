@@ -54,6 +54,7 @@ fn request(max_new_tokens: usize) -> GenerateRequest {
 fn the_seed_flags_streaming_and_cleanup() {
     let dir = tempfile::tempdir().unwrap();
     let args_file = dir.path().join("args");
+    let prompt_file = dir.path().join("prompt");
     // Echoes the prompt (as builds without --no-display-prompt do), streams
     // three pieces, ends with llama.cpp's marker and its perf lines.
     let bin = script(
@@ -61,14 +62,15 @@ fn the_seed_flags_streaming_and_cleanup() {
         "llama-completion",
         &format!(
             r#"printf '%s\0' "$@" > {args}
-while [ "$1" != "-p" ]; do shift; done; prompt=$2
-printf '%s' "$prompt"; sleep 0.05
+while [ "$1" != "-f" ]; do shift; done; cat "$2" > {prompt}
+printf '%s' "$(cat "$2")"; sleep 0.05
 printf ' Hello'; sleep 0.05; printf ' from'; sleep 0.05; printf ' fake.'
 printf ' [end of text]\n'
 echo 'llama_perf_context_print: prompt eval time =  5.00 ms /    12 tokens (0.4 ms per token)' >&2
 echo 'llama_perf_context_print:        eval time = 30.00 ms /     3 runs   (10 ms per token)' >&2
 "#,
-            args = args_file.display()
+            args = args_file.display(),
+            prompt = prompt_file.display()
         ),
     );
     let model = dir.path().join("m.gguf");
@@ -94,7 +96,13 @@ echo 'llama_perf_context_print:        eval time = 30.00 ms /     3 runs   (10 m
         args[i + 1].clone()
     };
     assert_eq!(value("-m"), model.display().to_string());
-    assert_eq!(value("-p"), "System: Be brief.\nUser: hi\nAssistant:");
+    // The prompt goes in a file (no argument-length limit), with the one
+    // trailing newline llama.cpp drops from a prompt file; removed after.
+    assert_eq!(
+        std::fs::read_to_string(&prompt_file).unwrap(),
+        "System: Be brief.\nUser: hi\nAssistant:\n"
+    );
+    assert!(!Path::new(&value("-f")).exists());
     assert_eq!(value("-n"), "64");
     assert_eq!(value("-c"), "512");
     assert_eq!(value("-ngl"), "0");
@@ -235,5 +243,49 @@ fn the_real_llama_completion_where_present() {
     assert!(
         g.completion_tokens >= 1 && g.completion_tokens <= 16,
         "{g:?}"
+    );
+}
+
+#[test]
+fn a_silent_child_is_killed_on_cancel_and_long_prompts_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    // Reads its prompt for a long time, printing nothing.
+    let count = dir.path().join("count");
+    let bin = script(
+        dir.path(),
+        "silent",
+        &format!(
+            "while [ \"$1\" != -f ]; do shift; done\nwc -c < \"$2\" > {}\nsleep 60\nprintf late\n",
+            count.display()
+        ),
+    );
+    let d = decoder(&bin, &dir.path().join("m.gguf"));
+    // 1 MiB: far past what one argument may hold (128 KiB on Linux).
+    let mut long = request(4);
+    long.prompt = tofy::decoder::Prompt::text("x".repeat(1 << 20));
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    long.cancel = Some(cancel.clone());
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let start = std::time::Instant::now();
+    let g = d
+        .generate(&long, &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap();
+    setter.join().unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert!(g.text.is_empty(), "{g:?}");
+    // A hang guard (the child sleeps 60 s), not a timing assertion.
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    let bytes: usize = std::fs::read_to_string(&count)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        bytes,
+        (1 << 20) + 1,
+        "the whole prompt, and the newline llama.cpp drops"
     );
 }

@@ -5,200 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use common::server::{Server, chat, events, stream_text, with};
+
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use serde_json::{Value, json};
-
-/// A running `tofy serve`, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-    agent: ureq::Agent,
-}
-
-impl Server {
-    /// `tofy serve 127.0.0.1:0 ARGS` on SmolLM2 with the embedded world
-    /// model, waiting until /health says ready.
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_with(&[&["serve", "127.0.0.1:0"], args].concat(), env)
-    }
-
-    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tofy"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("JEPA_DECODER_") || key.starts_with("TOFY_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.args(args)
-            .env("JEPA_DECODER_MODEL", common::smollm2())
-            .env("JEPA_DECODER_THREADS", "1")
-            .env("JEPA_DECODER_NGL", "0")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start tofy serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(address) = line.strip_prefix("tofy serve: listening on ") {
-                    let _ = tx.send(address.to_string());
-                }
-                eprintln!("[server] {line}");
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("tofy serve printed its address");
-        let agent = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build(),
-        );
-        let server = Self { child, base, agent };
-        server.wait_until(
-            || server.get("/health").0 == 200,
-            "the server to become ready",
-        );
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut r = self.agent.get(self.url(path)).call().expect("GET");
-        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-    }
-
-    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
-        let mut request = self
-            .agent
-            .post(self.url(path))
-            .header("Content-Type", "application/json");
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Bearer {key}"));
-        }
-        let mut r = request.send(body).expect("POST");
-        let status = r.status().as_u16();
-        let text = r
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_string()
-            .unwrap();
-        (status, text)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = self.post_raw(path, &body.to_string(), None);
-        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        (status, value)
-    }
-
-    /// A streaming request; the `data:` payloads as the server sent them.
-    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        events(self.open_stream(path, body))
-    }
-
-    fn open_stream(&self, path: &str, body: &Value) -> BufReader<impl Read + use<>> {
-        let r = self
-            .agent
-            .post(self.url(path))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .expect("POST");
-        assert_eq!(r.status().as_u16(), 200);
-        let content_type = r.headers().get("content-type").unwrap().to_str().unwrap();
-        assert!(
-            content_type.starts_with("text/event-stream"),
-            "{content_type}"
-        );
-        BufReader::new(r.into_body().into_reader())
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-    }
-
-    /// Polls `ok` (a hang guard, not a timing assertion).
-    fn wait_until(&self, mut ok: impl FnMut() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !ok() {
-            assert!(Instant::now() < deadline, "gave up waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `data:` payloads of an SSE body, up to and including `[DONE]`.
-fn events(reader: impl BufRead) -> Vec<String> {
-    let mut out = Vec::new();
-    for line in reader.lines() {
-        let line = line.expect("read the stream");
-        if let Some(data) = line.strip_prefix("data: ") {
-            out.push(data.to_string());
-            if data == "[DONE]" {
-                break;
-            }
-        } else {
-            assert!(line.is_empty(), "only data lines and blank lines: {line:?}");
-        }
-    }
-    out
-}
-
-fn chat(prompt: &str, max_tokens: u32) -> Value {
-    json!({
-        "model": "tofy",
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    })
-}
-
-fn with(mut body: Value, key: &str, value: Value) -> Value {
-    body[key] = value;
-    body
-}
-
-/// The reply text of a chat stream, checking OpenAI's framing on the way.
-fn stream_text(events: &[String]) -> (String, Value) {
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let mut text = String::new();
-    let mut finish = Value::Null;
-    for chunk in &chunks {
-        assert_eq!(chunk["object"], "chat.completion.chunk");
-        assert_eq!(chunk["id"], chunks[0]["id"]);
-        if let Some(choice) = chunk["choices"].get(0) {
-            assert!(finish.is_null(), "nothing after the finish_reason chunk");
-            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
-            finish = choice["finish_reason"].clone();
-        }
-    }
-    (text, chunks.last().unwrap().clone())
-}
 
 #[test]
 fn chat_completions_and_models_speak_openai() {
@@ -555,6 +368,67 @@ fn every_error_is_an_openai_error_with_its_status() {
     check(server.get("/v1/nothing-here"), 404, "no route");
     check(server.get("/v1/chat/completions"), 405, "not allowed");
 
+    // Input limits, each a 400 naming its field, before anything is queued.
+    let param = |value: &Value| value["error"]["param"].as_str().unwrap_or("").to_string();
+    let five = with(chat("Hi", 2), "stop", json!(["a", "b", "c", "d", "e"])).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &five, key),
+        400,
+        "at most 4",
+    );
+    assert_eq!(param(&value), "stop");
+    let wide = with(chat("Hi", 2), "stop", json!(["x".repeat(257)])).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &wide, key),
+        400,
+        "at most 256",
+    );
+    assert_eq!(param(&value), "stop");
+    let nul = chat("Hi\u{0}there", 2).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &nul, key),
+        400,
+        "NUL byte",
+    );
+    assert_eq!(param(&value), "messages");
+    let raw_nul = json!({"prompt": "a\u{0}b", "max_tokens": 2}).to_string();
+    let value = check(
+        server.post_raw("/v1/completions", &raw_nul, key),
+        400,
+        "NUL byte",
+    );
+    assert_eq!(param(&value), "prompt");
+    let tool =
+        json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+    let many_tools = with(chat("Hi", 2), "tools", json!(vec![tool; 129])).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &many_tools, key),
+        400,
+        "at most 128",
+    );
+    assert_eq!(param(&value), "tools");
+    let turn = json!({"role": "user", "content": "a"});
+    let many_turns = json!({"messages": vec![turn; 4097], "max_tokens": 2}).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &many_turns, key),
+        400,
+        "at most 4096",
+    );
+    assert_eq!(param(&value), "messages");
+    // Longer than any prompt the context can hold, whatever its tokens:
+    // refused without being tokenized.
+    let vast = chat(&"a".repeat(1 << 20), 2).to_string();
+    let value = check(
+        server.post_raw("/v1/chat/completions", &vast, key),
+        400,
+        "bytes of text",
+    );
+    assert_eq!(value["error"]["code"], "context_length_exceeded");
+
+    // /metrics is behind the key too; /health never is.
+    check(server.get("/metrics"), 401, "API key");
+    assert_eq!(server.get("/health").0, 200);
+
     // The server is still up and the key works.
     let (status, body) = server.post_raw("/v1/chat/completions", &ok, key);
     assert_eq!(status, 200, "{body}");
@@ -567,7 +441,7 @@ fn failing_decoder(dir: &Path) -> PathBuf {
     let bin = dir.join("llama-completion");
     std::fs::write(
         &bin,
-        "#!/bin/sh\ncase \"$*\" in\n  *FAIL_NOW*) echo 'model exploded' >&2; exit 1 ;;\n  *FAIL_LATER*) printf 'partial reply '; sleep 0.2; echo 'died midway' >&2; exit 3 ;;\n  *) printf 'fine' ;;\nesac\n",
+        "#!/bin/sh\nwhile [ \"$1\" != -f ]; do shift; done\ncase \"$(cat \"$2\")\" in\n  *FAIL_NOW*) echo 'model exploded' >&2; exit 1 ;;\n  *FAIL_LATER*) printf 'partial reply '; sleep 0.2; echo 'died midway' >&2; exit 3 ;;\n  *) printf 'fine' ;;\nesac\n",
     )
     .unwrap();
     let mut perms = std::fs::metadata(&bin).unwrap().permissions();
@@ -584,13 +458,16 @@ fn a_decoder_failure_fails_that_request_only() {
 
     let (status, body) = server.post("/v1/chat/completions", &chat("FAIL_NOW please", 8));
     assert_eq!(status, 500, "{body}");
+    // The client learns what failed; the log has why (the decoder's own
+    // words, and the paths they hold).
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the decoder failed"), "{body}");
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("model exploded"),
+        !message.contains("model exploded") && !message.contains(bin.to_str().unwrap()),
         "{body}"
     );
+    let line = server.wait_for_log(&["status=500", "model exploded"]);
+    assert!(line.contains("request_id=req-"), "{line}");
 
     // Mid-stream: the text so far, an error event, then [DONE].
     let events = server.stream(
@@ -604,9 +481,10 @@ fn a_decoder_failure_fails_that_request_only() {
         error["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("died midway"),
+            .contains("the decoder failed"),
         "{error}"
     );
+    server.wait_for_log(&["generation failed", "died midway"]);
     let (text, _) = stream_text(
         &events[..n - 2]
             .iter()
@@ -732,7 +610,8 @@ fn tools_and_a_whole_agent_conversation_reach_a_real_model() {
         "{short_reply} vs {bare}"
     );
 
-    // Tools too long for the context are dropped rather than failing the request.
+    // Tools too long for the context: a 400 about the tools (a prompt is
+    // never cut short behind the client's back).
     let mut body = with(
         chat("Hello!", 4),
         "tools",
@@ -741,16 +620,16 @@ fn tools_and_a_whole_agent_conversation_reach_a_real_model() {
         }}]),
     );
     let (status, reply) = server.post("/v1/chat/completions", &body);
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["usage"]["prompt_tokens"].as_u64().unwrap() < 500,
-        "{reply}"
-    );
-    // But a conversation that is itself too long is still a 400.
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["code"], "context_length_exceeded");
+    assert_eq!(reply["error"]["param"], "tools");
+    // A conversation that is itself too long is about the messages.
     body["messages"][0]["content"] = json!("many words here ".repeat(2000));
+    body.as_object_mut().unwrap().remove("tools");
     let (status, reply) = server.post("/v1/chat/completions", &body);
     assert_eq!(status, 400, "{reply}");
     assert_eq!(reply["error"]["code"], "context_length_exceeded");
+    assert_eq!(reply["error"]["param"], "messages");
 }
 
 #[test]
@@ -860,7 +739,12 @@ fn the_ai_sdk_works() {
 
 #[test]
 fn opencode_run_gets_a_reply() {
-    let server = Server::start(&[], &[]);
+    // OpenCode's system prompt and tool schemas are ~7.8k SmolLM2 tokens,
+    // and docs/opencode.json lets it ask for 512 more.
+    let server = Server::start(
+        &["--ctx", "8704", "--parallel", "1"],
+        &[("JEPA_DECODER_THREADS", "2")],
+    );
     assert!(
         client_dir().join("node_modules").is_dir(),
         "run scripts/setup-clients.sh (make test does)"
@@ -1136,4 +1020,87 @@ fn cvec_mode_per_request_beside_plain_requests() {
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_eq!((content(&a), content(&b)), (content(&cvec), content(&none)));
+}
+
+#[test]
+fn a_queued_stream_gets_headers_at_once_and_keep_alives() {
+    let server = Server::start(&["--parallel", "1", "--sse-keepalive", "0.3"], &[]);
+    let long = with(chat("Count to one thousand.", 3000), "stream", json!(true));
+    let long = with(long, "ignore_eos", json!(true));
+    let mut running = server.open_stream("/v1/chat/completions", &long);
+    let mut line = String::new();
+    running.read_line(&mut line).unwrap();
+    // The one sequence is busy: this stream waits in the queue, yet its
+    // headers (checked by open_stream), its role chunk and then keep-alive
+    // comments arrive while it waits.
+    let queued = with(chat("Hi", 2), "stream", json!(true));
+    let mut waiting = server.open_stream("/v1/chat/completions", &queued);
+    let mut lines = Vec::new();
+    while lines
+        .iter()
+        .filter(|l: &&String| l.starts_with(": keep-alive"))
+        .count()
+        < 2
+    {
+        let mut line = String::new();
+        waiting.read_line(&mut line).unwrap();
+        lines.push(line);
+    }
+    assert!(lines[0].contains(r#""role":"assistant""#), "{lines:?}");
+    assert_eq!(server.metric("tofy_sequences_queued"), 1.0);
+    // Once the running stream goes, the queued one gets its reply.
+    drop(running);
+    let (text, last) = stream_text(
+        &std::iter::once(lines[0].trim().strip_prefix("data: ").unwrap().to_string())
+            .chain(events(waiting))
+            .collect::<Vec<_>>(),
+    );
+    assert!(!text.is_empty(), "{last}");
+}
+
+#[test]
+fn json_logs_have_one_line_per_generation_and_no_prompt_or_key() {
+    let server = Server::start(
+        &["--log-format", "json", "--api-key", "k3y-s3cret"],
+        &[("RUST_LOG", "info")],
+    );
+    let (status, body, id) = server.post_with_id(
+        "/v1/chat/completions",
+        &chat("a secret prompt about zebras", 4).to_string(),
+        Some("k3y-s3cret"),
+        Some("client-id-42"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        id.as_deref(),
+        Some("client-id-42"),
+        "the client's id echoed"
+    );
+    let line = server.wait_for_log(&["generation finished", "client-id-42"]);
+    let value: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["level"], "INFO");
+    assert!(value["fields"]["completion_tokens"].as_u64().unwrap() >= 1);
+    let span = &value["span"];
+    assert!(
+        span["id"].as_str().unwrap().starts_with("chatcmpl-"),
+        "{line}"
+    );
+    // A 4xx is logged with its cause; a fresh id when the client sent none.
+    let (status, _, id) = server.post_with_id(
+        "/v1/chat/completions",
+        r#"{"messages": []}"#,
+        Some("k3y-s3cret"),
+        None,
+    );
+    assert_eq!(status, 400);
+    let id = id.unwrap();
+    assert!(id.starts_with("req-"), "{id}");
+    server.wait_for_log(&[&id, "messages is empty"]);
+    for line in server.log() {
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            !line.contains("zebras") && !line.contains("k3y-s3cret"),
+            "{line}"
+        );
+    }
 }

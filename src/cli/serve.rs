@@ -37,9 +37,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TOFY_QUEUE", default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u32).range(0..=65536))]
     queue: u32,
-    /// Require `Authorization: Bearer KEY` on the API routes (not on /health, /metrics).
+    /// Require `Authorization: Bearer KEY` on every route but /health (/metrics included).
     #[arg(long, env = "TOFY_API_KEY", hide_env_values = true, value_name = "KEY")]
     api_key: Option<String>,
+    /// Seconds of silence after which a stream gets an SSE keep-alive comment.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS",
+          value_parser = keep_alive_secs)]
+    sse_keepalive: f64,
+    /// Log lines as text, or one JSON object each (for log shippers). `RUST_LOG` filters them
+    /// (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TOFY_LOG_FORMAT")]
+    log_format: LogFormat,
     /// max_tokens for requests that give none (bounded by the context).
     #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS as u32, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -48,7 +56,40 @@ pub struct ServeArgs {
     decoder: DecoderArgs,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn keep_alive_secs(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds from 0.1 to 3600"
+        )),
+    }
+}
+
+/// The log on stderr: `RUST_LOG` filters (default `info`), text or JSON.
+/// Prompts are never logged at info, nor the API key at any level.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
     let (spec, rest) = split_world(&args.inputs, USAGE, false)?;
     let (bind, numbers) = match rest.split_first() {
         Some((first, numbers)) if first.contains(':') => (first.as_str(), numbers),
@@ -89,13 +130,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         address.to_string()
     };
-    eprintln!("tofy serve: listening on http://{address}");
-    eprintln!(
-        "  POST /v1/chat/completions, POST /v1/completions, GET /v1/models (also without /v1), GET /health, GET /metrics"
-    );
-    eprintln!(
-        "  OpenCode / OpenAI clients: base URL http://{host}/v1, model \"tofy\" (docs/opencode.json)"
-    );
+    if args.log_format == LogFormat::Json {
+        tracing::info!(%address, base_url = %format!("http://{host}/v1"), "listening");
+    } else {
+        eprintln!("tofy serve: listening on http://{address}");
+        eprintln!(
+            "  POST /v1/chat/completions, POST /v1/completions, GET /v1/models (also without /v1), GET /health, GET /metrics"
+        );
+        eprintln!(
+            "  OpenCode / OpenAI clients: base URL http://{host}/v1, model \"tofy\" (docs/opencode.json)"
+        );
+    }
+    let has_key = args.api_key.as_ref().is_some_and(|k| !k.is_empty());
+    if !address.ip().is_loopback() && !has_key {
+        tracing::warn!(
+            %address,
+            "listening beyond this machine with no API key: anyone who can reach {address} can use the model; pass --api-key (or TOFY_API_KEY), or bind 127.0.0.1"
+        );
+    }
 
     let config = DecoderConfig {
         parallel: args.parallel as usize,
@@ -108,6 +160,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key,
         sampling: config.sampling.clone(),
         max_tokens: args.default_max_tokens as usize,
+        keep_alive: std::time::Duration::from_secs_f64(args.sse_keepalive),
     };
     let settings = args.decoder.cond_settings();
     let control = args.decoder.control()?;

@@ -5,7 +5,9 @@
 //! `LlamaContext` borrows the model and is not `Send`, and a long-lived
 //! owner thread is also what lets the model load once and serve every
 //! request. Callers talk to it over channels: a job goes in, pieces and then
-//! the result come back, and a cancel flag is checked every step.
+//! the result come back, and a cancel flag is checked every step. The
+//! caller's thread lays the job's prompt out (template, tokenizer, the
+//! context check) before it is queued: the worker gets positions only.
 //!
 //! The context holds `parallel` sequences (slots). Each step of the worker's
 //! loop builds one batch: the next token of every generating slot, then
@@ -46,9 +48,9 @@ use llama_cpp_2::token::LlamaToken;
 use super::control::same_control;
 use super::stop::StopScanner;
 use super::{
-    BackendKind, CacheType, ControlVector, Decoder, DecoderConfig, DecoderError, EMBEDDINGS_MARKER,
-    Embeddings, FinishReason, GenerateRequest, Generation, Prompt, Role, Score, ScoreRequest,
-    Segment, Sink, prompt,
+    Accepted, BackendKind, CacheType, ControlVector, Decoder, DecoderConfig, DecoderError,
+    EMBEDDINGS_MARKER, Embeddings, FinishReason, GenerateRequest, Generation, Prompt, Role, Score,
+    ScoreRequest, Segment, Sink, prompt,
 };
 use ffi::{BatchError, Evaluator};
 use sample::Picker;
@@ -115,6 +117,23 @@ enum Work {
     Score(ScoreRequest),
 }
 
+impl Work {
+    /// The text a fault-injection point looks at.
+    fn text(&self) -> String {
+        match self {
+            Self::Generate(r) => r.prompt.last_user_text(),
+            Self::Score(r) => r.prompt.last_user_text(),
+        }
+    }
+}
+
+/// A job on its way to the worker, its prompt already laid out by the
+/// caller's thread: templating and tokenizing never hold up the batch.
+struct Queued {
+    job: Job,
+    prepared: Prepared,
+}
+
 enum Event {
     Piece(String),
     Done(Result<Generation, DecoderError>),
@@ -124,13 +143,15 @@ enum Event {
 /// llama.cpp in-process: one model, one context of `parallel` sequences,
 /// owned by a worker thread.
 pub struct LlamaDecoder {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Queued>>,
     worker: Option<JoinHandle<()>>,
     /// The model itself (its path and context size with it), shared with
     /// the worker: tokenizing needs no slot.
     model: Arc<Loaded>,
     /// Slots generating or reading a prompt, as the worker last saw them.
     active: Arc<AtomicUsize>,
+    /// Why the worker thread died, once it has.
+    dead: Arc<OnceLock<String>>,
 }
 
 impl LlamaDecoder {
@@ -139,10 +160,15 @@ impl LlamaDecoder {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
+        let dead = Arc::new(OnceLock::new());
         // The model is `Send + Sync`; only the context must stay on the worker.
         let model = Arc::new(Loaded::open(path, config)?);
-        let (worker_model, worker_config, worker_active) =
-            (Arc::clone(&model), config.clone(), Arc::clone(&active));
+        let (worker_model, worker_config, worker_active, worker_dead) = (
+            Arc::clone(&model),
+            config.clone(),
+            Arc::clone(&active),
+            Arc::clone(&dead),
+        );
         let worker = std::thread::Builder::new()
             .name("tofy-llama".into())
             // llama.cpp's tokenizers may recurse deeply (std::regex) on long text.
@@ -154,6 +180,7 @@ impl LlamaDecoder {
                     &ready_tx,
                     &jobs_rx,
                     &worker_active,
+                    &worker_dead,
                 );
             })?;
         match ready_rx.recv() {
@@ -162,6 +189,7 @@ impl LlamaDecoder {
                 worker: Some(worker),
                 model,
                 active,
+                dead,
             }),
             Ok(Err(err)) => {
                 let _ = worker.join();
@@ -201,6 +229,21 @@ impl Decoder for LlamaDecoder {
 
     fn active_sequences(&self) -> Option<usize> {
         Some(self.active.load(Ordering::Relaxed))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.dead.get() {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn prompt_byte_limit(&self) -> Option<usize> {
+        Some(
+            self.model
+                .context_size
+                .saturating_mul(self.model.longest_piece),
+        )
     }
 
     fn control_shape(&self) -> Option<(usize, usize)> {
@@ -278,26 +321,56 @@ impl Decoder for LlamaDecoder {
     }
 
     fn score(&self, request: &ScoreRequest) -> Result<Score, DecoderError> {
-        let (events_rx, _) = self.submit(Work::Score(request.clone()), request.cancel.clone())?;
+        let (events_rx, _) = self.enqueue(Work::Score(request.clone()), request.cancel.clone())?;
         for event in events_rx {
             if let Event::Scored(result) = event {
                 return result;
             }
         }
-        Err(DecoderError::WorkerGone)
+        Err(worker_gone(&self.dead))
     }
 
-    fn generate(
-        &self,
+    fn submit<'d>(
+        &'d self,
         request: &GenerateRequest,
-        sink: &mut Sink<'_>,
-    ) -> Result<Generation, DecoderError> {
-        let (events_rx, cancel) =
-            self.submit(Work::Generate(request.clone()), request.cancel.clone())?;
+    ) -> Result<Box<dyn Accepted + 'd>, DecoderError> {
+        let (events, cancel) =
+            self.enqueue(Work::Generate(request.clone()), request.cancel.clone())?;
+        Ok(Box::new(Streaming {
+            events,
+            cancel,
+            dead: Arc::clone(&self.dead),
+            done: false,
+        }))
+    }
+}
+
+/// A generation queued on the worker.
+struct Streaming {
+    events: mpsc::Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+    dead: Arc<OnceLock<String>>,
+    /// Whether its result came back.
+    done: bool,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // Dropped before its end (unstreamed, or a panicking sink): the
+        // worker gives the job up at its next step.
+        if !self.done {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Accepted for Streaming {
+    fn stream(mut self: Box<Self>, sink: &mut Sink<'_>) -> Result<Generation, DecoderError> {
+        let cancel = Arc::clone(&self.cancel);
         // What the sink accepted: after a cancel the worker may have produced
         // a few more pieces before it saw the flag, and those never count.
         let mut delivered = String::new();
-        for event in events_rx {
+        while let Ok(event) = self.events.recv() {
             match event {
                 Event::Piece(piece) => {
                     if cancel.load(Ordering::Relaxed) {
@@ -309,6 +382,7 @@ impl Decoder for LlamaDecoder {
                     }
                 }
                 Event::Done(result) => {
+                    self.done = true;
                     return result.map(|mut generation| {
                         if generation.finish_reason == FinishReason::Cancelled
                             || cancel.load(Ordering::Relaxed)
@@ -322,8 +396,20 @@ impl Decoder for LlamaDecoder {
                 Event::Scored(_) => unreachable!("a scoring's event for a generation"),
             }
         }
-        Err(DecoderError::WorkerGone)
+        Err(worker_gone(&self.dead))
     }
+}
+
+/// The error for a job whose channel closed with no result: the worker is
+/// unwinding from a panic, and sets its reason the moment it has.
+fn worker_gone(dead: &OnceLock<String>) -> DecoderError {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dead.get().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    dead.get().map_or(DecoderError::WorkerGone, |reason| {
+        DecoderError::WorkerDied(reason.clone())
+    })
 }
 
 impl LlamaDecoder {
@@ -355,12 +441,17 @@ impl LlamaDecoder {
         )
     }
 
-    /// Queues `work` on the worker; its events come back on the receiver.
-    fn submit(
+    /// Lays out `work`'s prompt here, on the caller's thread, and queues
+    /// it on the worker; its events come back on the receiver.
+    fn enqueue(
         &self,
         work: Work,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<(mpsc::Receiver<Event>, Arc<AtomicBool>), DecoderError> {
+        if let Some(reason) = self.dead.get() {
+            return Err(DecoderError::WorkerDied(reason.clone()));
+        }
+        let prepared = self.model.prepare(&work)?;
         let (events_tx, events_rx) = mpsc::channel();
         let cancel = cancel.unwrap_or_default();
         let job = Job {
@@ -370,7 +461,8 @@ impl LlamaDecoder {
             start: Instant::now(),
         };
         let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
-        jobs.send(job).map_err(|_| DecoderError::WorkerGone)?;
+        jobs.send(Queued { job, prepared })
+            .map_err(|_| DecoderError::WorkerGone)?;
         Ok((events_rx, cancel))
     }
 }
@@ -381,8 +473,9 @@ fn run_worker(
     loaded: &Loaded,
     config: &DecoderConfig,
     ready: &mpsc::Sender<Result<(), DecoderError>>,
-    jobs: &mpsc::Receiver<Job>,
+    jobs: &mpsc::Receiver<Queued>,
     active: &AtomicUsize,
+    dead: &OnceLock<String>,
 ) {
     let context = match loaded.context(config) {
         Ok(context) => context,
@@ -394,7 +487,22 @@ fn run_worker(
     if ready.send(Ok(())).is_err() {
         return;
     }
-    Scheduler::new(loaded, context, config.parallel, active).run(jobs);
+    // A panic here leaves the context in an unknown state mid-step: the
+    // worker stops for good rather than serve from it. Unwinding drops
+    // every job it held (their callers see the worker gone), and the
+    // reason is kept for `Decoder::health`.
+    let mut scheduler = Scheduler::new(loaded, context, config.parallel, active);
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.run(jobs)));
+    if let Err(payload) = run {
+        // The reason first, then the jobs: a caller woken by its job's end
+        // finds the decoder already unhealthy.
+        let _ = dead.set(format!(
+            "the llama.cpp worker thread panicked: {}",
+            crate::fault::panic_message(payload.as_ref())
+        ));
+        active.store(0, Ordering::Relaxed);
+    }
+    drop(scheduler);
 }
 
 /// A loaded model and what is read from it once.
@@ -412,6 +520,9 @@ struct Loaded {
     n_embd: usize,
     n_layer: usize,
     n_vocab: usize,
+    /// The most bytes one token stands for: a prompt longer than
+    /// `context_size` of these cannot fit, whatever its tokens.
+    longest_piece: usize,
     /// Whether one batch may mix tokens and embedding rows (false for the
     /// architectures in `ffi::NO_MIXED_BATCH_ARCHS`, or when the config
     /// asks to split them).
@@ -431,8 +542,10 @@ impl Loaded {
         let arch = ffi::architecture(&model);
         let mixed_batches =
             !ffi::NO_MIXED_BATCH_ARCHS.contains(&arch.as_str()) && !config.split_mixed_batches;
+        let longest_piece = longest_piece(&model);
         Ok(Self {
             backend,
+            longest_piece,
             width: ffi::input_width(&model),
             n_embd: usize::try_from(model.n_embd()).unwrap_or(0),
             n_layer: model.n_layer() as usize,
@@ -846,7 +959,7 @@ struct Scheduler<'m> {
     loaded: &'m Loaded,
     eval: Evaluator<'m>,
     slots: Vec<Slot>,
-    queue: VecDeque<Job>,
+    queue: VecDeque<Queued>,
     /// One pass per step, or tokens then rows where the architecture cannot
     /// mix them.
     passes: &'static [Pass],
@@ -891,7 +1004,7 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn run(mut self, jobs: &mpsc::Receiver<Job>) {
+    fn run(&mut self, jobs: &mpsc::Receiver<Queued>) {
         loop {
             let busy = self.slots.iter().any(|s| s.run.is_some());
             if !busy && self.queue.is_empty() {
@@ -944,10 +1057,10 @@ impl<'m> Scheduler<'m> {
     /// Jobs whose callers gave up never start; runs whose callers gave up
     /// free their slot now.
     fn drop_cancelled(&mut self) {
-        self.queue.retain(|job| {
-            let cancelled = job.cancelled();
+        self.queue.retain(|queued| {
+            let cancelled = queued.job.cancelled();
             if cancelled {
-                job.fail(DecoderError::Cancelled);
+                queued.job.fail(DecoderError::Cancelled);
             }
             !cancelled
         });
@@ -962,19 +1075,14 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Moves queued jobs into free slots, each into the free slot whose
-    /// cells share the longest prefix with its prompt.
+    /// cells share the longest prefix with its prompt (laid out and checked
+    /// by its caller already).
     fn admit(&mut self) {
         while self.slots.iter().any(|s| s.run.is_none()) {
-            let Some(job) = self.queue.pop_front() else {
+            let Some(Queued { job, prepared }) = self.queue.pop_front() else {
                 return;
             };
-            let prepared = match self.loaded.prepare(&job.work) {
-                Ok(prepared) => prepared,
-                Err(err) => {
-                    job.fail(err);
-                    continue;
-                }
-            };
+            crate::fault::inject(crate::fault::Point::Worker, &job.work.text());
             let slot = self
                 .slots
                 .iter_mut()
@@ -1247,6 +1355,22 @@ fn reuse_prefix(eval: &mut Evaluator<'_>, slot: &mut Slot, prepared: &Prepared) 
     };
     slot.cached.truncate(kept);
     kept
+}
+
+/// The longest text any token of `model` is written as (special tokens
+/// included: a prompt's `<|im_end|>` text is read as that token).
+fn longest_piece(model: &LlamaModel) -> usize {
+    let vocab = model.vocab();
+    let mut bytes = Vec::new();
+    (0..model.n_vocab().max(0))
+        .map(|t| {
+            bytes.clear();
+            vocab.token_to_piece_into(LlamaToken(t), &mut bytes, true, None);
+            bytes.len()
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// A seed for requests that did not fix one.

@@ -284,6 +284,26 @@ impl Score {
 /// The piece sink: gets each new piece of text, answers whether to go on.
 pub type Sink<'a> = dyn FnMut(&str) -> ControlFlow<()> + 'a;
 
+/// A generation a decoder has accepted: checked, and queued where the
+/// backend queues. Streaming it waits for its turn, then hands each piece to
+/// the sink; dropping it unstreamed cancels it.
+pub trait Accepted {
+    fn stream(self: Box<Self>, sink: &mut Sink<'_>) -> Result<Generation, DecoderError>;
+}
+
+/// An accepted generation that runs when streamed, for backends with no
+/// queue of their own (subprocess, stub).
+pub struct Deferred<F>(pub F);
+
+impl<F> Accepted for Deferred<F>
+where
+    F: FnOnce(&mut Sink<'_>) -> Result<Generation, DecoderError>,
+{
+    fn stream(self: Box<Self>, sink: &mut Sink<'_>) -> Result<Generation, DecoderError> {
+        (self.0)(sink)
+    }
+}
+
 /// A text generator. Implementations own their native resources; `generate`
 /// streams into `sink` and returns the whole result. Calls may come from
 /// many threads at once: a backend runs them together (llama) or side by
@@ -295,17 +315,39 @@ pub trait Decoder: Send + Sync {
     fn model_path(&self) -> Option<&Path>;
     /// Context size in tokens, when the backend knows it.
     fn context_size(&self) -> Option<usize>;
+    /// No prompt text longer than this many bytes can fit the context
+    /// (where the backend knows the vocabulary: the context times the
+    /// longest token's text), so a longer one is refused unread.
+    fn prompt_byte_limit(&self) -> Option<usize> {
+        None
+    }
     /// Sequences being evaluated now, where the backend schedules them
     /// itself (the llama backend's slots); `None` where every call runs at
     /// once.
     fn active_sequences(&self) -> Option<usize> {
         None
     }
+    /// Checks `request` and queues it: its prompt laid out (templated,
+    /// tokenized) on the caller's thread and held to the context, so that
+    /// what is wrong with a request is an error here, before it waits for
+    /// a sequence. The returned handle streams it.
+    fn submit<'d>(
+        &'d self,
+        request: &GenerateRequest,
+    ) -> Result<Box<dyn Accepted + 'd>, DecoderError>;
+    /// [`submit`](Self::submit), then stream into `sink`.
     fn generate(
         &self,
         request: &GenerateRequest,
         sink: &mut Sink<'_>,
-    ) -> Result<Generation, DecoderError>;
+    ) -> Result<Generation, DecoderError> {
+        self.submit(request)?.stream(sink)
+    }
+    /// `Err(reason)` once the backend can no longer generate (its worker
+    /// thread died); every later request would fail.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// The width of an embedding row (llama.cpp's `n_embd_inp`), where
     /// the backend takes embedding rows.
     fn input_width(&self) -> Option<usize> {
@@ -419,6 +461,8 @@ pub enum DecoderError {
     Io(#[from] std::io::Error),
     #[error("the llama.cpp worker thread stopped unexpectedly")]
     WorkerGone,
+    #[error("{0}; restart the server")]
+    WorkerDied(String),
     #[error("llama.cpp backend initialisation failed: {0}")]
     Backend(String),
     #[error(

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::{
-    BackendKind, Decoder, DecoderError, FinishReason, GenerateRequest, Generation, Prompt, Sink,
+    Accepted, BackendKind, Decoder, DecoderError, Deferred, FinishReason, GenerateRequest,
+    Generation, Prompt, Sink,
 };
 
 /// The placeholder decoder.
@@ -36,16 +37,24 @@ impl Decoder for StubDecoder {
         None
     }
 
-    fn generate(
-        &self,
+    fn submit<'d>(
+        &'d self,
         request: &GenerateRequest,
-        sink: &mut Sink<'_>,
-    ) -> Result<Generation, DecoderError> {
-        let start = Instant::now();
+    ) -> Result<Box<dyn Accepted + 'd>, DecoderError> {
         // The stub stands in for a reply, not for a steer it cannot apply.
         if request.control.is_some() {
             return Err(self.unsupported("apply a control vector"));
         }
+        let request = request.clone();
+        Ok(Box::new(Deferred(move |sink: &mut Sink<'_>| {
+            Ok(Self::run(&request, sink))
+        })))
+    }
+}
+
+impl StubDecoder {
+    fn run(request: &GenerateRequest, sink: &mut Sink<'_>) -> Generation {
+        let start = Instant::now();
         // One "token" per word, so max_new_tokens means the same thing here.
         let reply = Self::reply(request);
         let words: Vec<&str> = reply.split_inclusive(' ').collect();
@@ -80,7 +89,7 @@ impl Decoder for StubDecoder {
                 let _ = sink(&rest);
             }
         }
-        Ok(Generation {
+        Generation {
             text,
             finish_reason: finish,
             prompt_tokens: prompt_words(&request.prompt),
@@ -89,7 +98,7 @@ impl Decoder for StubDecoder {
             cached_tokens: 0,
             prompt_time: None,
             total_time: start.elapsed(),
-        })
+        }
     }
 }
 

@@ -4,16 +4,18 @@
 //! marker; token counts come from the timing lines it prints on stderr. The
 //! child is killed when the caller cancels, and on drop.
 
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use super::stop::StopScanner;
 use super::{
-    BackendKind, Decoder, DecoderConfig, DecoderError, FinishReason, GenerateRequest, Generation,
-    Prompt, Sink, prompt,
+    Accepted, BackendKind, Decoder, DecoderConfig, DecoderError, Deferred, FinishReason,
+    GenerateRequest, Generation, Prompt, Sink, prompt,
 };
 
 /// What llama.cpp's completion tool prints when the model ends its turn.
@@ -34,12 +36,13 @@ impl SubprocessDecoder {
         }
     }
 
-    /// The command line for one request (the seed's flags).
-    pub fn command(&self, prompt: &str, request: &GenerateRequest) -> Command {
+    /// The command line for one request (the seed's flags, the prompt read
+    /// from `prompt_file`).
+    pub fn command(&self, prompt_file: &Path, request: &GenerateRequest) -> Command {
         let s = &request.sampling;
         let mut cmd = Command::new(&self.config.bin);
         cmd.arg("-m").arg(&self.model);
-        cmd.arg("-p").arg(prompt);
+        cmd.arg("-f").arg(prompt_file);
         cmd.args(["-n", &request.max_new_tokens.to_string()]);
         cmd.args(["-c", &self.config.ctx.to_string()]);
         cmd.args(["-ngl", &self.config.ngl.to_string()]);
@@ -100,12 +103,10 @@ impl Decoder for SubprocessDecoder {
         Some(self.config.ctx as usize)
     }
 
-    fn generate(
-        &self,
+    fn submit<'d>(
+        &'d self,
         request: &GenerateRequest,
-        sink: &mut Sink<'_>,
-    ) -> Result<Generation, DecoderError> {
-        let start = Instant::now();
+    ) -> Result<Box<dyn Accepted + 'd>, DecoderError> {
         if request.control.is_some() {
             return Err(self.unsupported("apply a control vector"));
         }
@@ -114,7 +115,25 @@ impl Decoder for SubprocessDecoder {
             .prompt
             .plain_text()
             .ok_or_else(|| self.unsupported("take embedding rows or token ids"))?;
-        let mut command = self.command(&text, request);
+        let request = request.clone();
+        Ok(Box::new(Deferred(move |sink: &mut Sink<'_>| {
+            self.run(&text, &request, sink)
+        })))
+    }
+}
+
+impl SubprocessDecoder {
+    fn run(
+        &self,
+        text: &str,
+        request: &GenerateRequest,
+        sink: &mut Sink<'_>,
+    ) -> Result<Generation, DecoderError> {
+        let start = Instant::now();
+        // The prompt goes in a file: an argument is limited in length (128
+        // KiB on Linux), a file is not.
+        let prompt_file = prompt_file(text)?;
+        let mut command = self.command(prompt_file.path(), request);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -129,6 +148,9 @@ impl Decoder for SubprocessDecoder {
             },
             _ => DecoderError::Io(source),
         })?);
+        // A cancel is seen even while the child prints nothing (reading a
+        // long prompt): the watcher kills it, and the read below ends.
+        let mut watch = CancelWatch::start(request.cancel.clone(), &child.0);
         let mut stdout = child.0.stdout.take().expect("stdout is piped");
         let mut stderr = child.0.stderr.take().expect("stderr is piped");
         // stderr is drained on its own thread so a chatty child never blocks.
@@ -148,7 +170,7 @@ impl Decoder for SubprocessDecoder {
         // child is still generating and is killed).
         let mut end_marker = StopScanner::new(&[END_OF_TEXT.to_string()]);
         let mut scanner = StopScanner::new(&stops);
-        let mut echo = EchoStripper::new(&text);
+        let mut echo = EchoStripper::new(text);
         let mut utf8 = encoding_rs::UTF_8.new_decoder_without_bom_handling();
         let mut out = Emitter::new(start, sink);
         let mut buf = [0u8; 4096];
@@ -186,6 +208,9 @@ impl Decoder for SubprocessDecoder {
             if at_end {
                 break;
             }
+        }
+        if watch.stop() {
+            (finish, kill) = (FinishReason::Cancelled, true);
         }
         // llama.cpp prints "\n\n" after a generation that hit -n, before its
         // timings: not the model's text.
@@ -229,6 +254,74 @@ impl Decoder for SubprocessDecoder {
             total_time: start.elapsed(),
         })
     }
+}
+
+/// Kills a child's process group when its request's cancel flag is set,
+/// checking every 50 ms until stopped. Stopped (and joined) before the
+/// child is reaped, so its pid cannot have been reused.
+struct CancelWatch {
+    done: Arc<AtomicBool>,
+    fired: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CancelWatch {
+    fn start(cancel: Option<Arc<AtomicBool>>, child: &Child) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(AtomicBool::new(false));
+        let pid = i32::try_from(child.id()).ok();
+        let thread = cancel.zip(pid).map(|(cancel, pid)| {
+            let (done, fired) = (Arc::clone(&done), Arc::clone(&fired));
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    if cancel.load(Ordering::Relaxed) {
+                        fired.store(true, Ordering::Release);
+                        // SAFETY: as in ChildGuard::kill_group; the child is
+                        // not reaped while this thread runs.
+                        unsafe {
+                            libc::kill(-pid, libc::SIGKILL);
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        });
+        Self {
+            done,
+            fired,
+            thread,
+        }
+    }
+
+    /// Stops watching (the watcher has ended when this returns); whether
+    /// it killed the child.
+    fn stop(&mut self) -> bool {
+        self.done.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.fired.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The prompt in a temporary file for `-f`, removed on drop. llama.cpp
+/// drops one trailing newline of a prompt file, so one is added for it.
+fn prompt_file(text: &str) -> Result<tempfile::NamedTempFile, DecoderError> {
+    let mut file = tempfile::Builder::new()
+        .prefix("tofy-prompt-")
+        .suffix(".txt")
+        .tempfile()?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.flush()?;
+    Ok(file)
 }
 
 /// Hands text to the sink, holding trailing newlines back until more text

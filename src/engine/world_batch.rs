@@ -3,7 +3,9 @@
 //! One thread owns the forward passes: it sleeps until a prompt comes, then
 //! takes every prompt that arrived meanwhile (up to [`MAX_BATCH`]) into one
 //! batched forward. No timer: a lone request is never delayed, and requests
-//! that pile up while a batch runs form the next one.
+//! that pile up while a batch runs form the next one. A batch that fails
+//! (or panics) is run again one prompt at a time, so a failure stays with
+//! the request that caused it.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -60,20 +62,47 @@ fn run(world: &WorldModel, calls: &mpsc::Receiver<Call>) {
                 continue;
             }
             let prompts: Vec<&str> = group.iter().map(|c| c.prompt.as_str()).collect();
-            match condition_all(world, &prompts, ablate) {
+            match guarded(world, &prompts, ablate) {
                 Ok(results) => {
                     for (call, result) in group.iter().zip(results) {
                         let _ = call.reply.send(Ok(result));
                     }
                 }
-                Err(err) => reply_all(&group, &err),
+                // One prompt's failure is its own: each runs alone again.
+                Err(_) if group.len() > 1 => {
+                    for call in group {
+                        let result = guarded(world, &[call.prompt.as_str()], ablate)
+                            .map(|mut one| one.remove(0));
+                        let _ = call.reply.send(result);
+                    }
+                }
+                Err(err) => {
+                    for call in group {
+                        let _ = call.reply.send(Err(err.clone()));
+                    }
+                }
             }
         }
     }
 }
 
-fn reply_all(group: &[&Call], err: &WorldError) {
-    for call in group {
-        let _ = call.reply.send(Err(err.to_string()));
-    }
+/// One batched forward pass; a panic in it is an error like any other, so
+/// the thread lives on for the next batch.
+fn guarded(
+    world: &WorldModel,
+    prompts: &[&str],
+    ablate: bool,
+) -> Result<Vec<Conditioning>, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for prompt in prompts {
+            crate::fault::inject(crate::fault::Point::World, prompt);
+        }
+        condition_all(world, prompts, ablate).map_err(|e: WorldError| e.to_string())
+    }))
+    .unwrap_or_else(|payload| {
+        Err(format!(
+            "the world model panicked: {}",
+            crate::fault::panic_message(payload.as_ref())
+        ))
+    })
 }

@@ -189,6 +189,125 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
+/// `chat.completion`: a whole chat reply.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'static str,
+    pub choices: [ChatChoice; 1],
+    pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tofy: Option<TofyReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ReplyMessage,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplyMessage {
+    pub role: &'static str,
+    /// `null` when the reply is tool calls alone.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// `text_completion`: a whole raw completion.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'static str,
+    pub choices: [TextChoice; 1],
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'static str,
+}
+
+/// One SSE chunk (`chat.completion.chunk`, or `text_completion` for raw
+/// completions).
+#[derive(Debug, Serialize)]
+pub struct Chunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'static str,
+    pub choices: Vec<ChunkChoice>,
+    /// Absent without `include_usage`; with it, `null` on every chunk but
+    /// the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tofy: Option<TofyReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice {
+    pub index: u32,
+    #[serde(flatten)]
+    pub body: ChunkBody,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A chat chunk's `delta`, or a raw completion chunk's `text`.
+#[derive(Debug, Serialize)]
+pub enum ChunkBody {
+    #[serde(rename = "delta")]
+    Delta(Delta),
+    #[serde(rename = "text")]
+    Text(String),
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<DeltaToolCall>,
+}
+
+/// A streamed tool call: its name first (with id and type), then its
+/// arguments, as OpenAI streams them.
+#[derive(Debug, Serialize)]
+pub struct DeltaToolCall {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: DeltaFunction,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeltaFunction {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// The `"tofy"` object of a reply.
+#[derive(Debug, Serialize)]
+pub struct TofyReport {
+    pub conditioning: ConditioningReport,
+}
+
 /// The `"tofy"` object in replies when `return_conditioning` is set.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConditioningReport {

@@ -1,5 +1,10 @@
 //! Errors as OpenAI clients expect them: a status code and
 //! `{"error":{"message","type","param","code"}}`.
+//!
+//! A client error (4xx) says what was wrong and what to send instead. A
+//! server error (5xx) says which stage failed and no more: what went wrong
+//! inside (file paths, llama.cpp messages) is its `detail`, written to the
+//! log under the response's `x-request-id`, never sent.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -17,6 +22,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+    /// For the log only.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -27,6 +34,7 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            detail: None,
         }
     }
 
@@ -88,9 +96,24 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
     }
 
-    /// 500 for this request only.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    /// 500 for this request only: `stage` (what failed, said to the
+    /// client) and `detail` (why, for the log).
+    pub fn internal(stage: &str, detail: impl Into<String>) -> Self {
+        Self {
+            detail: Some(detail.into()),
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!(
+                    "{stage} failed on this request; the server log has the details (look up this response's x-request-id)"
+                ),
+            )
+        }
+    }
+
+    /// What the log says about this error: the detail where there is one.
+    pub fn cause(&self) -> &str {
+        self.detail.as_deref().unwrap_or(&self.message)
     }
 
     pub fn body(&self) -> ErrorBody {
@@ -119,8 +142,8 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         match err {
             EngineError::Decoder(err) => err.into(),
-            EngineError::World(err) => Self::internal(format!("world model: {err}")),
-            EngineError::WorldThread(err) => Self::internal(format!("world model: {err}")),
+            EngineError::World(err) => Self::internal("the world model", err.to_string()),
+            EngineError::WorldThread(err) => Self::internal("the world model", err),
             // What a request asked for that this server cannot give it
             // (prefix mode without a projector or embedding input).
             EngineError::NoProjector { .. }
@@ -130,13 +153,13 @@ impl From<EngineError> for ApiError {
                 Self::invalid_param("tofy.cond_mode", err.to_string())
             }
             // The server's own control map, checked when it started.
-            EngineError::ControlMap { .. } => Self::internal(err.to_string()),
+            EngineError::ControlMap { .. } => Self::internal("the control map", err.to_string()),
             // A vector of the wrong length, or one whose rows leave the
             // range embedding rows may take: the caller's vector.
             EngineError::Projector(
                 ProjectorError::VectorLength { .. } | ProjectorError::Rows(_),
             ) => Self::invalid_param("tofy.conditioning", err.to_string()),
-            EngineError::Projector(other) => Self::internal(format!("projector: {other}")),
+            EngineError::Projector(other) => Self::internal("the projector", other.to_string()),
             EngineError::Embeddings(err) => {
                 Self::invalid_param("tofy.prefix_embeddings", err.to_string())
             }
@@ -161,7 +184,13 @@ impl From<DecoderError> for ApiError {
                 Self::invalid(err.to_string())
             }
             DecoderError::InvalidToken { .. } => Self::invalid_param("tokens", err.to_string()),
-            other => Self::internal(format!("decoder: {other}")),
+            DecoderError::WorkerDied(_) | DecoderError::WorkerGone => Self {
+                detail: Some(err.to_string()),
+                ..Self::unavailable(
+                    "the decoder's worker thread has stopped and the server is shutting down; retry once it has restarted",
+                )
+            },
+            other => Self::internal("the decoder", other.to_string()),
         }
     }
 }

@@ -5,16 +5,19 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::api::{
-    ChatRequest, CompletionRequest, ConditioningReport, Content, GenerationOptions, PromptField,
-    RequestMessage, TofyOptions, ToolCall, Usage,
+    ChatChoice, ChatCompletion, ChatRequest, Chunk, ChunkBody, ChunkChoice, CompletionRequest,
+    ConditioningReport, Content, Delta, DeltaFunction, DeltaToolCall, GenerationOptions,
+    PromptField, ReplyMessage, RequestMessage, TextChoice, TextCompletion, TofyOptions, TofyReport,
+    ToolCall, Usage,
 };
 use super::embeds::{self, Limits};
 use super::peer::{self, PeerSocket};
@@ -29,6 +32,14 @@ use crate::engine::{Steer, TurnOptions};
 
 /// The largest magnitude a caller's `tofy.conditioning` value may have.
 const MAX_CONDITIONING: f32 = 1e6;
+/// `stop` strings per request (OpenAI's limit) and bytes per string: the
+/// decoder scans its output for them after every token.
+pub const MAX_STOPS: usize = 4;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Messages per conversation.
+pub const MAX_MESSAGES: usize = 4096;
+/// Tool definitions per request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
 
 /// What a handler hands to the blocking thread.
 struct Job {
@@ -54,6 +65,8 @@ enum Input {
 
 /// What comes back over the channel.
 enum Event {
+    /// The decoder took the request: its prompt fits, it is queued.
+    Accepted,
     Piece(String),
     Done(Result<Outcome, ApiError>),
 }
@@ -83,6 +96,24 @@ pub(crate) async fn chat(
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
     let mut body: ChatRequest = read_json(&req, payload).await?;
+    if body.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "{} messages; at most {MAX_MESSAGES} are accepted: drop or summarise earlier turns",
+                body.messages.len()
+            ),
+        ));
+    }
+    if body.tools.len() > MAX_TOOLS {
+        return Err(ApiError::invalid_param(
+            "tools",
+            format!(
+                "{} tools; at most {MAX_TOOLS} are accepted",
+                body.tools.len()
+            ),
+        ));
+    }
     let tofy = body.options.tofy.take().unwrap_or_default();
     let report = tofy.return_conditioning;
     let turn = turn_options(&state, tofy)?;
@@ -95,10 +126,14 @@ pub(crate) async fn chat(
         .find(|m| m.role == Role::User)
         .map(|m| m.content.clone())
         .unwrap_or_default();
+    let offer = tools.then(|| tools::tools_prompt(&body.tools));
+    let bytes = conversation.iter().map(|m| m.content.len()).sum::<usize>()
+        + offer.as_ref().map_or(0, String::len);
+    check_size(&state, bytes, "messages")?;
     let input = Input::Chat {
         conversation,
         world_prompt,
-        tools: tools.then(|| tools::tools_prompt(&body.tools)),
+        tools: offer,
     };
     respond(state, &req, body.options, input, turn, report, true, tools).await
 }
@@ -134,6 +169,23 @@ fn turn_options(state: &State, tofy: TofyOptions) -> Result<TurnOptions, ApiErro
         vector: tofy.conditioning,
         rows,
     })
+}
+
+/// Refuses, unread, a prompt text longer than any that fits the context.
+fn check_size(state: &State, bytes: usize, param: &'static str) -> Result<(), ApiError> {
+    let decoder = state.decoder()?;
+    match (decoder.prompt_byte_limit(), decoder.context_size()) {
+        (Some(limit), Some(context)) if bytes > limit => Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                param,
+                format!(
+                    "context length exceeded: the {param} hold {bytes} bytes of text, more than any prompt the context of {context} tokens can hold ({limit} bytes); shorten them or raise JEPA_DECODER_CTX"
+                ),
+            )
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What embedding rows must fit: the decoder's input width and context.
@@ -174,6 +226,13 @@ pub(crate) async fn completions(
         let rows = embeds::parse(value, &embed_limits(&state)?, "prompt_embeds")?;
         segments.push(Segment::Embeddings(rows));
     }
+    if text.contains('\0') {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt holds a NUL byte (U+0000), which the decoder cannot read; remove it",
+        ));
+    }
+    check_size(&state, text.len(), "prompt")?;
     if !text.is_empty() {
         segments.push(Segment::Text(text));
     }
@@ -211,6 +270,15 @@ fn conversation(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiEr
     let mut out = Vec::with_capacity(messages.len() + 2);
     for (i, message) in messages.into_iter().enumerate() {
         let text = content_text(message.content, i)?;
+        // llama.cpp's template API takes C strings.
+        if text.contains('\0') {
+            return Err(ApiError::invalid_param(
+                "messages",
+                format!(
+                    "messages[{i}].content holds a NUL byte (U+0000), which the chat template cannot read; remove it"
+                ),
+            ));
+        }
         let (role, content) = match message.role.as_str() {
             "system" | "developer" => (Role::System, text),
             "user" => (Role::User, text),
@@ -327,15 +395,38 @@ fn generate_request(
         // OpenAI seeds are 64-bit; llama.cpp's are 32.
         sampling.seed = Some(seed as u32);
     }
+    let stop = options
+        .stop
+        .take()
+        .map(|s| s.into_vec())
+        .unwrap_or_default();
+    if stop.len() > MAX_STOPS {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "{} stop strings; at most {MAX_STOPS} are accepted",
+                stop.len()
+            ),
+        ));
+    }
+    if let Some((i, s)) = stop
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "stop[{i}] is {} bytes; each stop string may be at most {MAX_STOP_BYTES}",
+                s.len()
+            ),
+        ));
+    }
     Ok(GenerateRequest {
         prompt,
         max_new_tokens: max_tokens,
         sampling,
-        stop: options
-            .stop
-            .take()
-            .map(|s| s.into_vec())
-            .unwrap_or_default(),
+        stop,
         ignore_eos: options.ignore_eos,
         cancel: None,
         control: None,
@@ -371,6 +462,12 @@ async fn respond(
     };
     state.decoder()?;
     let admission = state.clone().into_inner().admit()?;
+    let span = tracing::info_span!(
+        "generation",
+        id = %shape.id,
+        request_id = %super::request_id(req),
+        stream = options.stream,
+    );
     let mut job = Job {
         input,
         request,
@@ -393,25 +490,34 @@ async fn respond(
         cancel.store(true, Ordering::Relaxed);
     });
     let worker_state = state.clone().into_inner();
-    actix_web::rt::task::spawn_blocking(move || execute(&worker_state, job, &tx, admission));
-    // Nothing is sent before the first event, so that a prompt the decoder
-    // refuses (too long for the context) is still an HTTP error.
-    let first = rx
-        .recv()
-        .await
-        .ok_or_else(|| ApiError::internal("the generation thread stopped"))?;
-    if let Event::Done(Err(mut err)) = first {
-        // A raw prompt's errors are about `prompt`, not `messages`.
-        if !chat && err.param == Some("messages") {
-            err.param = Some("prompt");
+    actix_web::rt::task::spawn_blocking(move || {
+        span.in_scope(|| execute(&worker_state, job, &tx, admission));
+    });
+    // Nothing is sent before the decoder has accepted the request (its
+    // prompt laid out and within the context), so that what is wrong with
+    // it is still an HTTP error.
+    let gone = || ApiError::internal("the generation thread", "it ended without a result");
+    match rx.recv().await.ok_or_else(gone)? {
+        Event::Accepted => {}
+        Event::Done(Err(mut err)) => {
+            // A raw prompt's errors are about `prompt`, not `messages`.
+            if !chat && err.param == Some("messages") {
+                err.param = Some("prompt");
+            }
+            return Err(err);
         }
-        return Err(err);
+        Event::Piece(_) | Event::Done(Ok(_)) => {
+            return Err(ApiError::internal(
+                "the generation thread",
+                "output before the request was accepted",
+            ));
+        }
     }
     if options.stream {
         let stream = Sse {
             rx,
-            first: Some(first),
             shape,
+            keep_alive: state.keep_alive,
             parser: ToolCallParser::default(),
             calls: 0,
             started: false,
@@ -428,28 +534,72 @@ async fn respond(
             .streaming(body))
     } else {
         let mut text = String::new();
-        let mut event = first;
         let outcome = loop {
-            match event {
+            match rx.recv().await.ok_or_else(gone)? {
                 Event::Piece(piece) => text.push_str(&piece),
                 Event::Done(result) => break result?,
+                Event::Accepted => {}
             }
-            event = rx
-                .recv()
-                .await
-                .ok_or_else(|| ApiError::internal("the generation thread stopped"))?;
         };
-        Ok(HttpResponse::Ok().json(whole_reply(&shape, &text, &outcome)))
+        let reply = if shape.chat {
+            serde_json::to_value(chat_reply(&shape, &text, &outcome))
+        } else {
+            serde_json::to_value(text_reply(&shape, text, &outcome))
+        };
+        Ok(HttpResponse::Ok()
+            .json(reply.map_err(|e| ApiError::internal("the reply", e.to_string()))?))
     }
 }
 
-/// The blocking part: world model, then the decoder, pieces sent as they
-/// come. A closed channel (the client left) cancels the generation.
+/// The blocking part, guarded: a panic fails this request alone. After it,
+/// a decoder whose worker died takes the server down (docs/server.md).
 fn execute(state: &Arc<State>, job: Job, tx: &mpsc::UnboundedSender<Event>, admission: Admission) {
-    let result = run(state, job, tx);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(state, job, tx)))
+        .unwrap_or_else(|payload| {
+            Err(ApiError::internal(
+                "the request",
+                format!(
+                    "panicked: {}",
+                    crate::fault::panic_message(payload.as_ref())
+                ),
+            ))
+        });
     // Free the place first: a client that sends its next request the moment
     // this one ends must find it free.
     drop(admission);
+    match &result {
+        Ok(outcome) => {
+            let g = &outcome.generation;
+            tracing::info!(
+                finish = ?g.finish_reason,
+                prompt_tokens = g.prompt_tokens,
+                cached_tokens = g.cached_tokens,
+                completion_tokens = g.completion_tokens,
+                ttft_ms = g.time_to_first_token.as_millis() as u64,
+                total_ms = g.total_time.as_millis() as u64,
+                "generation finished"
+            );
+        }
+        Err(err) if err.status.is_server_error() => {
+            tracing::error!(
+                status = err.status.as_u16(),
+                cause = err.cause(),
+                "generation failed"
+            );
+        }
+        Err(err) => {
+            tracing::info!(
+                status = err.status.as_u16(),
+                cause = err.cause(),
+                "generation refused"
+            );
+        }
+    }
+    if let Ok(engine) = state.engine()
+        && let Err(reason) = engine.decoder().health()
+    {
+        state.fail(reason);
+    }
     let _ = tx.send(Event::Done(result));
 }
 
@@ -467,10 +617,16 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
             ControlFlow::Break(())
         }
     };
+    let decoder = engine.decoder();
     let (conversation, world_prompt, tools) = match input {
         Input::Raw(segments) => {
             request.prompt = Prompt::Raw(segments);
-            let generation = engine.decoder().generate(&request, &mut sink)?;
+            if let Some(text) = request.prompt.plain_text() {
+                crate::fault::inject(crate::fault::Point::Request, &text);
+            }
+            let accepted = decoder.submit(&request)?;
+            let _ = tx.send(Event::Accepted);
+            let generation = accepted.stream(&mut sink)?;
             return Ok(state.finished(generation, None));
         }
         Input::Chat {
@@ -479,25 +635,35 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
             tools,
         } => (conversation, world_prompt, tools),
     };
+    crate::fault::inject(crate::fault::Point::Request, &world_prompt);
     let steer = engine.steer(&world_prompt, &turn)?;
     request.control = steer.control.clone();
-    let prompt = |offer: Option<&str>| {
-        let messages =
-            offer.map_or_else(|| conversation.clone(), |o| offer_tools(&conversation, o));
-        engine.apply(&steer, messages)
+    let messages = match &tools {
+        Some(offer) => offer_tools(&conversation, offer),
+        None => conversation,
     };
-    request.prompt = prompt(tools.as_deref());
-    let generation = match engine.decoder().generate(&request, &mut sink) {
-        // Tool definitions can be long (OpenCode's are ~5k tokens): when
-        // they push the prompt past the context, the conversation runs
-        // without them, as it would with a template that ignores tools.
-        // The error comes before any output, so nothing was sent yet.
-        Err(DecoderError::ContextExceeded { .. }) if tools.is_some() => {
-            request.prompt = prompt(None);
-            engine.decoder().generate(&request, &mut sink)?
+    request.prompt = engine.apply(&steer, messages);
+    let accepted = match decoder.submit(&request) {
+        // Tool definitions can be long (OpenCode's are ~5k tokens). A
+        // prompt is never cut: the client learns which part to shorten.
+        Err(DecoderError::ContextExceeded {
+            prompt_tokens,
+            context,
+        }) if tools.is_some() => {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid_param(
+                    "tools",
+                    format!(
+                        "context length exceeded: with its tool definitions the prompt is {prompt_tokens} tokens but the context holds {context} (JEPA_DECODER_CTX); offer fewer or shorter tools, shorten the conversation, or raise JEPA_DECODER_CTX"
+                    ),
+                )
+            });
         }
         other => other?,
     };
+    let _ = tx.send(Event::Accepted);
+    let generation = accepted.stream(&mut sink)?;
     Ok(state.finished(generation, Some(Box::new(steer))))
 }
 
@@ -520,10 +686,10 @@ fn usage(g: &Generation) -> Usage {
     Usage::new(g.prompt_tokens, g.completion_tokens, g.cached_tokens)
 }
 
-fn report(shape: &Shape, outcome: &Outcome) -> Option<Value> {
+fn report(shape: &Shape, outcome: &Outcome) -> Option<TofyReport> {
     let steer = outcome.steer.as_deref().filter(|_| shape.report)?;
     let c = steer.conditioning.as_ref();
-    let report = ConditioningReport {
+    let conditioning = ConditioningReport {
         cond_mode: steer.mode.name(),
         cond_format: steer.format.name(),
         text: match (steer.mode, c) {
@@ -535,57 +701,54 @@ fn report(shape: &Shape, outcome: &Outcome) -> Option<Value> {
         ablated: c.is_some_and(|c| c.ablated),
         world_tokens: c.map_or(0, |c| c.world_tokens),
     };
-    Some(json!({ "conditioning": report }))
+    Some(TofyReport { conditioning })
 }
 
-/// The non-streaming reply.
-fn whole_reply(shape: &Shape, text: &str, outcome: &Outcome) -> Value {
+/// The non-streaming chat reply.
+fn chat_reply<'a>(shape: &'a Shape, text: &str, outcome: &Outcome) -> ChatCompletion<'a> {
     let g = &outcome.generation;
-    let mut reply = if shape.chat {
-        let (content, calls) = if shape.tools {
-            split_calls(text)
-        } else {
-            (text.to_string(), Vec::new())
-        };
-        let mut message = json!({
-            "role": "assistant",
-            "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { content.into() },
-        });
-        if !calls.is_empty() {
-            message["tool_calls"] = json!(calls);
-        }
-        json!({
-            "id": shape.id,
-            "object": "chat.completion",
-            "created": shape.created,
-            "model": MODEL_ID,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish_reason(g.finish_reason, !calls.is_empty()),
-            }],
-            "usage": usage(g),
-        })
+    let (content, calls) = if shape.tools {
+        split_calls(text)
     } else {
-        json!({
-            "id": shape.id,
-            "object": "text_completion",
-            "created": shape.created,
-            "model": MODEL_ID,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish_reason(g.finish_reason, false),
-            }],
-            "usage": usage(g),
-        })
+        (text.to_string(), Vec::new())
     };
-    if let Some(tofy) = report(shape, outcome) {
-        reply["tofy"] = tofy;
+    let reason = finish_reason(g.finish_reason, !calls.is_empty());
+    ChatCompletion {
+        id: &shape.id,
+        object: "chat.completion",
+        created: shape.created,
+        model: MODEL_ID,
+        choices: [ChatChoice {
+            index: 0,
+            message: ReplyMessage {
+                role: "assistant",
+                content: (!content.is_empty() || calls.is_empty()).then_some(content),
+                tool_calls: calls,
+            },
+            logprobs: None,
+            finish_reason: reason,
+        }],
+        usage: usage(g),
+        tofy: report(shape, outcome),
     }
-    reply
+}
+
+/// The non-streaming raw completion.
+fn text_reply<'a>(shape: &'a Shape, text: String, outcome: &Outcome) -> TextCompletion<'a> {
+    let g = &outcome.generation;
+    TextCompletion {
+        id: &shape.id,
+        object: "text_completion",
+        created: shape.created,
+        model: MODEL_ID,
+        choices: [TextChoice {
+            index: 0,
+            text,
+            logprobs: None,
+            finish_reason: finish_reason(g.finish_reason, false),
+        }],
+        usage: usage(g),
+    }
 }
 
 /// Content and tool calls of a whole reply.
@@ -608,11 +771,12 @@ fn split_calls(text: &str) -> (String, Vec<ToolCall>) {
     (content, calls)
 }
 
-/// The SSE body: a state machine over the generation's events.
+/// The SSE body: a state machine over the generation's events, with a
+/// keep-alive comment whenever nothing else was sent for `keep_alive`.
 struct Sse {
     rx: mpsc::UnboundedReceiver<Event>,
-    first: Option<Event>,
     shape: Shape,
+    keep_alive: Duration,
     parser: ToolCallParser,
     calls: usize,
     started: bool,
@@ -629,21 +793,28 @@ impl Sse {
             self.started = true;
             if self.shape.chat {
                 // OpenAI's first chunk carries the role and empty content.
-                self.choice(
-                    &mut out,
-                    "delta",
-                    json!({ "role": "assistant", "content": "" }),
-                    None,
-                );
-                return Some(out.into());
+                let delta = Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    ..Delta::default()
+                };
+                self.choice(&mut out, ChunkBody::Delta(delta), None);
+            } else {
+                // Headers go out now; a raw completion has no opening chunk,
+                // so its first bytes are a comment.
+                out.push_str(": accepted\n\n");
             }
+            return Some(out.into());
         }
         loop {
-            let event = match self.first.take() {
-                Some(event) => Some(event),
-                None => self.rx.recv().await,
+            let event = match actix_web::rt::time::timeout(self.keep_alive, self.rx.recv()).await {
+                Ok(event) => event,
+                // Waiting for a sequence, or reading a long prompt: a comment
+                // keeps proxies and clients from timing the stream out.
+                Err(_) => return Some(Bytes::from_static(b": keep-alive\n\n")),
             };
             match event {
+                Some(Event::Accepted) => {}
                 Some(Event::Piece(piece)) => {
                     let parsed = if self.shape.tools {
                         self.parser.push(&piece)
@@ -662,13 +833,14 @@ impl Sse {
                     return Some(out.into());
                 }
                 Some(Event::Done(Err(err))) => {
-                    event_line(&mut out, &json!(err.body()));
+                    event_line(&mut out, &err.body());
                     self.close(&mut out);
                     return Some(out.into());
                 }
                 None => {
-                    let err = ApiError::internal("the generation thread stopped");
-                    event_line(&mut out, &json!(err.body()));
+                    let err =
+                        ApiError::internal("the generation thread", "it ended without a result");
+                    event_line(&mut out, &err.body());
                     self.close(&mut out);
                     return Some(out.into());
                 }
@@ -680,26 +852,43 @@ impl Sse {
         for item in parsed {
             match item {
                 Parsed::Content(text) if self.shape.chat => {
-                    self.choice(out, "delta", json!({ "content": text }), None);
+                    let delta = Delta {
+                        content: Some(text),
+                        ..Delta::default()
+                    };
+                    self.choice(out, ChunkBody::Delta(delta), None);
                 }
-                Parsed::Content(text) => self.choice(out, "text", json!(text), None),
+                Parsed::Content(text) => self.choice(out, ChunkBody::Text(text), None),
                 Parsed::Call(call) => {
                     let call = tools::with_id(call);
                     let index = self.calls;
                     self.calls += 1;
                     // The name first, then the arguments, as OpenAI streams them.
-                    let head = json!({ "tool_calls": [{
-                        "index": index,
-                        "id": call.id,
-                        "type": "function",
-                        "function": { "name": call.function.name, "arguments": "" },
-                    }]});
-                    self.choice(out, "delta", head, None);
-                    let args = json!({ "tool_calls": [{
-                        "index": index,
-                        "function": { "arguments": call.function.arguments },
-                    }]});
-                    self.choice(out, "delta", args, None);
+                    let head = DeltaToolCall {
+                        index,
+                        id: Some(call.id),
+                        kind: Some("function"),
+                        function: DeltaFunction {
+                            name: Some(call.function.name),
+                            arguments: String::new(),
+                        },
+                    };
+                    let args = DeltaToolCall {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: DeltaFunction {
+                            name: None,
+                            arguments: call.function.arguments,
+                        },
+                    };
+                    for call in [head, args] {
+                        let delta = Delta {
+                            tool_calls: vec![call],
+                            ..Delta::default()
+                        };
+                        self.choice(out, ChunkBody::Delta(delta), None);
+                    }
                 }
             }
         }
@@ -708,22 +897,21 @@ impl Sse {
     fn end(&mut self, out: &mut String, outcome: &Outcome) {
         let g = &outcome.generation;
         let reason = finish_reason(g.finish_reason, self.calls > 0);
-        if self.shape.chat {
-            self.choice(out, "delta", json!({}), Some(reason));
+        let body = if self.shape.chat {
+            ChunkBody::Delta(Delta::default())
         } else {
-            self.choice(out, "text", json!(""), Some(reason));
-        }
+            ChunkBody::Text(String::new())
+        };
+        self.choice(out, body, Some(reason));
         if let Some(tofy) = report(&self.shape, outcome) {
-            let mut chunk = self.envelope();
-            chunk["choices"] = json!([]);
-            chunk["tofy"] = tofy;
+            let mut chunk = self.chunk(Vec::new());
+            chunk.tofy = Some(tofy);
             event_line(out, &chunk);
         }
         // OpenAI's usage chunk is the last before [DONE].
         if self.shape.include_usage {
-            let mut chunk = self.envelope();
-            chunk["choices"] = json!([]);
-            chunk["usage"] = json!(usage(g));
+            let mut chunk = self.chunk(Vec::new());
+            chunk.usage = Some(Some(usage(g)));
             event_line(out, &chunk);
         }
         self.close(out);
@@ -735,39 +923,38 @@ impl Sse {
         self.done = true;
     }
 
-    fn envelope(&self) -> Value {
-        let object = if self.shape.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let mut chunk = json!({
-            "id": self.shape.id,
-            "object": object,
-            "created": self.shape.created,
-            "model": MODEL_ID,
-        });
-        if self.shape.include_usage {
+    fn chunk(&self, choices: Vec<ChunkChoice>) -> Chunk<'_> {
+        Chunk {
+            id: &self.shape.id,
+            object: if self.shape.chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            },
+            created: self.shape.created,
+            model: MODEL_ID,
+            choices,
             // With include_usage, OpenAI sends usage: null on every other chunk.
-            chunk["usage"] = Value::Null;
+            usage: self.shape.include_usage.then_some(None),
+            tofy: None,
         }
-        chunk
     }
 
-    /// One chunk with one choice: `key` is `delta` (chat) or `text`.
-    fn choice(&self, out: &mut String, key: &str, value: Value, finish: Option<&str>) {
-        let mut choice = json!({ "index": 0 });
-        choice[key] = value;
-        choice["logprobs"] = Value::Null;
-        choice["finish_reason"] = json!(finish);
-        let mut chunk = self.envelope();
-        chunk["choices"] = json!([choice]);
-        event_line(out, &chunk);
+    /// One chunk with one choice.
+    fn choice(&self, out: &mut String, body: ChunkBody, finish: Option<&'static str>) {
+        let choice = ChunkChoice {
+            index: 0,
+            body,
+            logprobs: None,
+            finish_reason: finish,
+        };
+        event_line(out, &self.chunk(vec![choice]));
     }
 }
 
-fn event_line(out: &mut String, value: &Value) {
+fn event_line(out: &mut String, value: &impl Serialize) {
     out.push_str("data: ");
-    out.push_str(&value.to_string());
+    // Plain structs of strings and numbers: serialising cannot fail.
+    out.push_str(&serde_json::to_string(value).unwrap_or_default());
     out.push_str("\n\n");
 }

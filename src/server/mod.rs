@@ -16,6 +16,15 @@
 //! Concurrency is bounded: `--parallel` sequences decode together (the
 //! llama backend batches them), `--queue` more may wait, and beyond that a
 //! request gets 503 at once.
+//!
+//! Faults stay with their request: a panic while handling one fails that
+//! request (500). The one fault that cannot is the llama worker's death:
+//! `/health` turns 503 with the reason and the server shuts down with exit
+//! status 1, for its supervisor to restart it (docs/server.md).
+//!
+//! Every response carries an `x-request-id` (the client's, when it sent a
+//! sane one), and the log (`tracing`, on stderr) has one line per response
+//! and one per generation under that id.
 
 pub mod api;
 mod embeds;
@@ -29,14 +38,17 @@ pub mod tools;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError, web};
+use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, web};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::decoder::{Decoder, Sampling};
 use crate::engine::Engine;
@@ -63,6 +75,8 @@ pub struct ServeOptions {
     pub sampling: Sampling,
     /// `max_tokens` when a request gives none (bounded by the context).
     pub max_tokens: usize,
+    /// A comment on a stream that has sent nothing for this long.
+    pub keep_alive: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +85,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("{0:#}")]
     Load(anyhow::Error),
+    #[error("stopped: {0}")]
+    Fatal(String),
 }
 
 /// What every handler shares.
@@ -81,10 +97,18 @@ pub(crate) struct State {
     in_flight: AtomicUsize,
     parallel: usize,
     queue: usize,
-    api_key: Option<String>,
+    /// The SHA-256 of `--api-key`: keys are compared as digests, in
+    /// constant time, so neither a key's bytes nor its length leak
+    /// through timing.
+    api_key: Option<[u8; 32]>,
     sampling: Sampling,
     max_tokens: usize,
+    keep_alive: Duration,
     created: u64,
+    /// Why the server can no longer serve, once it cannot.
+    fatal: OnceLock<String>,
+    /// Stops the server (set once it runs).
+    handle: OnceLock<ServerHandle>,
 }
 
 impl State {
@@ -95,7 +119,34 @@ impl State {
     }
 
     fn decoder(&self) -> Result<&dyn Decoder, ApiError> {
+        if let Some(reason) = self.fatal.get() {
+            return Err(ApiError::unavailable(format!(
+                "the server is shutting down: {reason}"
+            )));
+        }
         Ok(self.engine()?.decoder())
+    }
+
+    /// Why the server cannot serve, if it cannot: the worker died (noticed
+    /// by a request, or now).
+    fn failure(&self) -> Option<String> {
+        self.fatal.get().cloned().or_else(|| {
+            let engine = self.engine.get()?;
+            engine.decoder().health().err()
+        })
+    }
+
+    /// The server cannot go on: `/health` says why from now on, and the
+    /// server stops (in-flight requests get their errors first) and exits
+    /// non-zero.
+    fn fail(&self, reason: String) {
+        if self.fatal.set(reason.clone()).is_ok() {
+            tracing::error!(%reason, "the decoder cannot serve any more; shutting down");
+            if let Some(handle) = self.handle.get() {
+                // stop() sends its command at once; nobody awaits it.
+                drop(handle.stop(true));
+            }
+        }
     }
 
     fn authorize(&self, req: &HttpRequest) -> Result<(), ApiError> {
@@ -107,8 +158,9 @@ impl State {
             .get(actix_web::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if given == Some(key.as_str()) {
+            .map(str::trim)
+            .unwrap_or_default();
+        if bool::from(Sha256::digest(given.as_bytes()).ct_eq(key)) {
             Ok(())
         } else {
             Err(ApiError::unauthorized())
@@ -163,12 +215,18 @@ where
         in_flight: AtomicUsize::new(0),
         parallel: options.parallel.max(1),
         queue: options.queue,
-        api_key: options.api_key.filter(|k| !k.is_empty()),
+        api_key: options
+            .api_key
+            .filter(|k| !k.is_empty())
+            .map(|k| Sha256::digest(k.as_bytes()).into()),
         sampling: options.sampling,
         max_tokens: options.max_tokens,
+        keep_alive: options.keep_alive,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        fatal: OnceLock::new(),
+        handle: OnceLock::new(),
     });
     let data = web::Data::from(Arc::clone(&state));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
@@ -180,7 +238,7 @@ where
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                .wrap(from_fn(count_requests))
+                .wrap(from_fn(observe))
                 .configure(routes)
                 .default_service(web::to(not_found))
         })
@@ -190,13 +248,14 @@ where
         .listen(options.listener)?
         .run();
         let handle = server.handle();
+        let _ = state.handle.set(handle.clone());
         let (loader_state, loader_error) = (Arc::clone(&state), Arc::clone(&load_error));
         std::thread::Builder::new()
             .name("tofy-load".into())
             .spawn(move || match load_engine() {
                 Ok(engine) => {
                     let _ = loader_state.engine.set(engine);
-                    eprintln!("tofy serve: decoder ready");
+                    tracing::info!("decoder ready");
                 }
                 Err(err) => {
                     *loader_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
@@ -210,9 +269,10 @@ where
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    match failed {
-        Some(err) => Err(ServeError::Load(err)),
-        None => Ok(()),
+    match (failed, state.fatal.get()) {
+        (Some(err), _) => Err(ServeError::Load(err)),
+        (None, Some(reason)) => Err(ServeError::Fatal(reason.clone())),
+        (None, None) => Ok(()),
     }
 }
 
@@ -257,7 +317,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn health(state: web::Data<State>) -> HttpResponse {
-    if state.engine.get().is_some() {
+    if let Some(reason) = state.failure() {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "error", "error": reason }))
+    } else if state.engine.get().is_some() {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
     } else {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "loading" }))
@@ -277,11 +340,14 @@ async fn models(state: web::Data<State>, req: HttpRequest) -> Result<HttpRespons
     })))
 }
 
-async fn metrics(state: web::Data<State>) -> HttpResponse {
+/// Behind the API key when there is one: the figures say how busy the
+/// server is and what it serves, and Prometheus sends a bearer token.
+async fn metrics(state: web::Data<State>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    state.authorize(&req)?;
     let (active, queued) = state.load();
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(state.metrics.render(active, queued))
+        .body(state.metrics.render(active, queued)))
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
@@ -292,20 +358,71 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     ApiError::method_not_allowed(req.method().as_str(), req.path()).error_response()
 }
 
-/// Counts every response by route and status.
-async fn count_requests(
+/// A request's id: the client's `x-request-id` when it is short and plain,
+/// else a new one.
+#[derive(Clone)]
+struct RequestId(String);
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id [`observe`] gave this request.
+pub(crate) fn request_id(req: &HttpRequest) -> String {
+    req.extensions()
+        .get::<RequestId>()
+        .map_or_else(String::new, |id| id.0.clone())
+}
+
+/// Gives every request an id (echoed in `x-request-id`), counts every
+/// response by route and status, and logs it: 2xx at debug, 4xx at info,
+/// 503 at warn, other 5xx at error, each error with its cause.
+async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let start = Instant::now();
     let state = req.app_data::<web::Data<State>>().cloned();
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(
+            || format!("req-{}", uuid::Uuid::new_v4().simple()),
+            str::to_string,
+        );
+    req.extensions_mut().insert(RequestId(id.clone()));
     // The route pattern, not the path: unknown paths must not make new series.
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let response = next.call(req).await?;
+    let method = req.method().clone();
+    let mut response = next.call(req).await?;
+    let status = response.status().as_u16();
     if let Some(state) = state {
         let route = route.strip_prefix("/v1").unwrap_or(&route);
-        state
-            .metrics
-            .record_request(route, response.status().as_u16());
+        state.metrics.record_request(route, status);
+    }
+    let ms = start.elapsed().as_millis() as u64;
+    let cause = response.response().error().map(|e| {
+        e.as_error::<ApiError>()
+            .map_or_else(|| e.to_string(), |api| api.cause().to_string())
+    });
+    let cause = cause.as_deref().unwrap_or("");
+    // /health's 503s (loading) are its answer, not a failure; a busy 503
+    // is the client's to retry.
+    match status {
+        _ if route.ends_with("/health") => {
+            tracing::debug!(request_id = %id, %method, %route, status, ms, "response");
+        }
+        503 => tracing::warn!(request_id = %id, %method, %route, status, ms, cause, "response"),
+        500.. => tracing::error!(request_id = %id, %method, %route, status, ms, cause, "response"),
+        400.. => tracing::info!(request_id = %id, %method, %route, status, ms, cause, "response"),
+        _ => tracing::debug!(request_id = %id, %method, %route, status, ms, "response"),
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
     }
     Ok(response)
 }

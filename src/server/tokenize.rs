@@ -52,5 +52,5 @@ async fn with_decoder<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     web::block(move || f(state.decoder()?).map_err(ApiError::from))
         .await
-        .map_err(|e| ApiError::internal(format!("tokenizer thread: {e}")))?
+        .map_err(|e| ApiError::internal("the tokenizer", e.to_string()))?
 }

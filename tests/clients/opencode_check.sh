@@ -11,8 +11,9 @@
 # The `@ai-sdk/openai-compatible` provider is compiled into the opencode
 # binary, so nothing is installed at run time: no network is needed.
 #
-# The request OpenCode sends is ~2.3k prompt tokens (system prompt + tool
-# schemas), so the server needs a context of at least 4096 per sequence.
+# The request OpenCode sends is ~7.8k SmolLM2 tokens (system prompt + tool
+# schemas), so the server needs a context of about 8.7k per sequence
+# (`tofy serve --ctx 8704`; docs/opencode.json says so to OpenCode).
 # Exits 0 only if opencode exits 0 and prints a non-empty reply.
 set -euo pipefail
 

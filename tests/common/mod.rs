@@ -4,6 +4,8 @@
 //! real decoder model and the one-error-line check for the CLI tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

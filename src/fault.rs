@@ -1,0 +1,54 @@
+//! Faults: a caught panic's payload as a message, and the fault-injection
+//! points the fault tests use to make the server's threads panic.
+//!
+//! The points exist only in builds with the `fault-injection` feature
+//! (`make test` turns it on; `make build` and `make demo` do not): there a
+//! request whose text holds `<tofy:fault:POINT>` panics at that point.
+//! Elsewhere [`inject`] is an empty inline function.
+
+use std::any::Any;
+
+/// Where a fault can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// The server's blocking thread for one request (before the world model).
+    Request,
+    /// The llama.cpp worker thread, as it admits the request to a slot.
+    Worker,
+    /// The world model's batching thread, in the request's forward pass.
+    World,
+}
+
+impl Point {
+    pub fn marker(self) -> &'static str {
+        match self {
+            Self::Request => "<tofy:fault:request>",
+            Self::Worker => "<tofy:fault:worker>",
+            Self::World => "<tofy:fault:world>",
+        }
+    }
+}
+
+/// Panics when `text` asks for a fault at `point` (fault-injection builds).
+#[cfg(feature = "fault-injection")]
+pub fn inject(point: Point, text: &str) {
+    if text.contains(point.marker()) {
+        panic!("injected fault at {point:?}");
+    }
+}
+
+/// Nothing: this build has no fault-injection points.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn inject(_point: Point, _text: &str) {}
+
+/// What a panic said (its `&str` or `String` payload).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with no message".to_string()
+    }
+}
