@@ -19,7 +19,7 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
+.PHONY: demo test fuzz soak setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -31,6 +31,14 @@ test: setup models clients
 	$(CARGO) clippy --release --locked $(TEST_FEATURES) --all-targets -- -D warnings
 	$(CARGO) test --release --locked $(TEST_FEATURES)
 	$(CARGO) run --release --locked $(TEST_FEATURES) --example prefix_experiment
+
+## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 60); installs nightly + cargo-fuzz; not in CI
+fuzz: setup
+	scripts/fuzz.sh
+
+## soak: 10,000 requests at 32 concurrency, a fifth of them malformed and a fifth vanishing (issue 14)
+soak: setup build models
+	scripts/soak.sh
 
 ## setup: check the toolchain and install the system packages the build needs
 setup:

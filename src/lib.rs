@@ -12,6 +12,7 @@
 //! - [`engine`]: prompt → world model → conditioning → decoder, shared by the
 //!   CLI and the server.
 //! - [`fault`]: panic messages, and the test-only fault-injection points.
+//! - [`fuzzing`]: the invariants the fuzz targets (fuzz/) and their corpus replay check.
 //! - [`fit_projector`]: ridge regression from world vectors to target rows.
 //! - [`projector`]: world vector → embedding rows for prefix conditioning.
 //! - [`server`]: the OpenAI-compatible HTTP server (`tofy serve`).
@@ -31,6 +32,8 @@ pub mod eval;
 pub mod eval_conditioning;
 pub mod fault;
 pub mod fit_projector;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod projector;
 pub mod server;
 #[cfg(feature = "train")]

@@ -117,18 +117,28 @@ pub(crate) fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldO
 
 /// An ignored NGL, the stub's advice.
 pub(crate) fn print_notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) {
+    for notice in notices(decoder, config) {
+        eprintln!("{notice}");
+    }
+}
+
+/// What a user should know about the decoder that was opened: an NGL this
+/// build ignores, the stub standing in for a model.
+pub(crate) fn notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) -> Vec<String> {
+    let mut out = Vec::new();
     if decoder.backend() == BackendKind::Llama
         && config.ngl > 0
         && !decoder::llama::gpu_offload_supported()
     {
-        eprintln!(
+        out.push(format!(
             "note: JEPA_DECODER_NGL={} ignored: this build of llama.cpp has no GPU backend (CPU only)",
             config.ngl
-        );
+        ));
     }
     if decoder.backend() == BackendKind::Stub {
-        eprintln!("{}", decoder::STUB_ADVICE);
+        out.push(decoder::STUB_ADVICE.to_string());
     }
+    out
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use anyhow::Context;
 use clap::Args;
 
-use super::agent::{merge, positive, print_notices};
+use super::agent::{merge, notices, positive};
 use super::decoder_args::DecoderArgs;
 use super::{WorldSizeArgs, split_world};
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
@@ -167,7 +167,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let load = move || {
         let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?
             .with_control(control)?;
-        print_notices(engine.decoder(), &config);
+        for notice in notices(engine.decoder(), &config) {
+            tracing::warn!("{notice}");
+        }
         Ok(engine)
     };
     server::serve(load, options).context("tofy serve")

@@ -1083,6 +1083,12 @@ impl<'m> Scheduler<'m> {
                 return;
             };
             crate::fault::inject(crate::fault::Point::Worker, &job.work.text());
+            tracing::debug!(
+                queued_ms = job.start.elapsed().as_millis() as u64,
+                prompt = prepared.items.len(),
+                waiting = self.queue.len(),
+                "job admitted to a sequence"
+            );
             let slot = self
                 .slots
                 .iter_mut()

@@ -96,24 +96,7 @@ pub(crate) async fn chat(
 ) -> Result<HttpResponse, ApiError> {
     state.authorize(&req)?;
     let mut body: ChatRequest = read_json(&req, payload).await?;
-    if body.messages.len() > MAX_MESSAGES {
-        return Err(ApiError::invalid_param(
-            "messages",
-            format!(
-                "{} messages; at most {MAX_MESSAGES} are accepted: drop or summarise earlier turns",
-                body.messages.len()
-            ),
-        ));
-    }
-    if body.tools.len() > MAX_TOOLS {
-        return Err(ApiError::invalid_param(
-            "tools",
-            format!(
-                "{} tools; at most {MAX_TOOLS} are accepted",
-                body.tools.len()
-            ),
-        ));
-    }
+    check_counts(&body)?;
     let tofy = body.options.tofy.take().unwrap_or_default();
     let report = tofy.return_conditioning;
     let turn = turn_options(&state, tofy)?;
@@ -137,6 +120,63 @@ pub(crate) async fn chat(
     };
     respond(state, &req, body.options, input, turn, report, true, tools).await
 }
+
+/// At most [`MAX_MESSAGES`] messages and [`MAX_TOOLS`] tools.
+fn check_counts(body: &ChatRequest) -> Result<(), ApiError> {
+    if body.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "{} messages; at most {MAX_MESSAGES} are accepted: drop or summarise earlier turns",
+                body.messages.len()
+            ),
+        ));
+    }
+    if body.tools.len() > MAX_TOOLS {
+        return Err(ApiError::invalid_param(
+            "tools",
+            format!(
+                "{} tools; at most {MAX_TOOLS} are accepted",
+                body.tools.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What the chat handler makes of a body before the world model and the
+/// decoder run: every check, then the conversation with its tools in the
+/// plain layout (a GGUF's template needs the model). For the fuzz targets.
+pub(crate) fn chat_prompt(body: &[u8]) -> Result<String, ApiError> {
+    let mut body: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    check_counts(&body)?;
+    let tofy = body.options.tofy.take().unwrap_or_default();
+    if let Some(value) = &tofy.prefix_embeddings {
+        embeds::parse(value, &FUZZ_LIMITS, "tofy.prefix_embeddings")?;
+    }
+    generate_request(
+        &Sampling::default(),
+        256,
+        &mut body.options,
+        Prompt::Raw(Vec::new()),
+    )?;
+    let tools =
+        !body.tools.is_empty() && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
+    let conversation = conversation(body.messages)?;
+    let messages = if tools {
+        offer_tools(&conversation, &tools::tools_prompt(&body.tools))
+    } else {
+        conversation
+    };
+    Ok(crate::decoder::prompt::plain_layout(&messages))
+}
+
+/// SmolLM2's input width and the default context, for the fuzz targets.
+pub(crate) const FUZZ_LIMITS: Limits = Limits {
+    width: 576,
+    context: 4096,
+};
 
 /// A chat request's conditioning choices, checked before it is queued.
 fn turn_options(state: &State, tofy: TofyOptions) -> Result<TurnOptions, ApiError> {
@@ -351,7 +391,8 @@ fn content_text(content: Option<Content>, index: usize) -> Result<String, ApiErr
 
 /// Sampling and limits from the request, over the server's defaults.
 fn generate_request(
-    state: &State,
+    defaults: &Sampling,
+    default_max_tokens: usize,
     options: &mut GenerationOptions,
     prompt: Prompt,
 ) -> Result<GenerateRequest, ApiError> {
@@ -362,7 +403,7 @@ fn generate_request(
         ));
     }
     let max_tokens = match options.max_completion_tokens.or(options.max_tokens) {
-        None => state.max_tokens,
+        None => default_max_tokens,
         Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
         Some(n) => {
             return Err(ApiError::invalid_param(
@@ -371,7 +412,7 @@ fn generate_request(
             ));
         }
     };
-    let mut sampling: Sampling = state.sampling.clone();
+    let mut sampling: Sampling = defaults.clone();
     let check = |param: &'static str, value: Option<f32>, lo: f32, hi: f32| match value {
         Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => Err(ApiError::invalid_param(
             param,
@@ -445,7 +486,12 @@ async fn respond(
     tools: bool,
 ) -> Result<HttpResponse, ApiError> {
     // The prompt is filled in on the blocking thread, after the world model.
-    let request = generate_request(&state, &mut options, Prompt::Raw(Vec::new()))?;
+    let request = generate_request(
+        &state.sampling,
+        state.max_tokens,
+        &mut options,
+        Prompt::Raw(Vec::new()),
+    )?;
     let shape = Shape {
         id: format!(
             "{}-{}",

@@ -56,6 +56,26 @@ use crate::engine::Engine;
 pub use error::ApiError;
 use metrics::Metrics;
 
+/// The request parser, the messages-to-prompt path and the embedding-row
+/// decoder, run as the handlers run them with no server and no model, for
+/// [`crate::fuzzing`].
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::ApiError;
+
+    /// A chat completions body: its checks, then its prompt (plain layout).
+    pub fn chat(body: &[u8]) -> Result<String, ApiError> {
+        super::generate::chat_prompt(body)
+    }
+
+    /// A `prompt_embeds` value (either encoding) for a 576-wide model with
+    /// a 4096-token context: how many rows it holds.
+    pub fn embeddings(value: &serde_json::Value) -> Result<usize, ApiError> {
+        super::embeds::parse(value, &super::generate::FUZZ_LIMITS, "prompt_embeds")
+            .map(|rows| rows.n_rows())
+    }
+}
+
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 16 << 20;
 /// The model id clients use and replies carry.
@@ -254,8 +274,14 @@ where
             .name("tofy-load".into())
             .spawn(move || match load_engine() {
                 Ok(engine) => {
+                    let decoder = engine.decoder();
+                    tracing::info!(
+                        backend = decoder.backend().name(),
+                        model = %decoder.model_path().map_or_else(String::new, |p| p.display().to_string()),
+                        context = decoder.context_size().unwrap_or(0),
+                        "decoder ready"
+                    );
                     let _ = loader_state.engine.set(engine);
-                    tracing::info!("decoder ready");
                 }
                 Err(err) => {
                     *loader_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);

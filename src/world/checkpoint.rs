@@ -27,6 +27,8 @@ enum Bytes {
     Mapped(Mmap),
     /// Bytes compiled into the binary (the embedded default model).
     Static(&'static [u8]),
+    /// Bytes in memory (the fuzz targets).
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Bytes {
@@ -35,6 +37,7 @@ impl std::ops::Deref for Bytes {
         match self {
             Bytes::Mapped(m) => m,
             Bytes::Static(s) => s,
+            Bytes::Owned(v) => v,
         }
     }
 }
@@ -78,6 +81,12 @@ impl Checkpoint {
     /// the path in messages.
     pub fn from_static(name: impl Into<PathBuf>, bytes: &'static [u8]) -> Result<Self> {
         Self::parse(name.into(), Bytes::Static(bytes))
+    }
+
+    /// Reads a checkpoint from bytes in memory; `name` stands in for the
+    /// path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(name.into(), Bytes::Owned(bytes))
     }
 
     fn parse(path: PathBuf, bytes: Bytes) -> Result<Self> {

@@ -112,6 +112,26 @@ impl WorldModel {
         )
     }
 
+    /// Loads a checkpoint and a vocab from bytes in memory, as [`load`]
+    /// reads files (the fuzz targets' way in); `name` stands in for the
+    /// paths in messages.
+    ///
+    /// [`load`]: Self::load
+    pub fn from_bytes(
+        name: &str,
+        model: Vec<u8>,
+        vocab: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let vocab_path = Path::new(name);
+        Self::from_parts(
+            Checkpoint::from_bytes(name, model)?,
+            vocab_path,
+            || Vocab::parse(vocab_path, vocab),
+            options,
+        )
+    }
+
     /// Checks the checkpoint and the vocab against each other, then loads
     /// the weights into the backend. The vocab is read only once the
     /// checkpoint's sizes are known to be sound.

@@ -115,21 +115,7 @@ impl Server {
     }
 
     pub fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
-        let mut request = self
-            .agent
-            .post(self.url(path))
-            .header("Content-Type", "application/json");
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Bearer {key}"));
-        }
-        let mut r = request.send(body).expect("POST");
-        let status = r.status().as_u16();
-        let text = r
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_string()
-            .unwrap();
+        let (status, text, _) = self.post_with_id(path, body, key, None);
         (status, text)
     }
 
@@ -157,11 +143,13 @@ impl Server {
             .headers()
             .get("x-request-id")
             .map(|v| v.to_str().unwrap().to_string());
-        (
-            r.status().as_u16(),
-            r.body_mut().read_to_string().unwrap(),
-            id,
-        )
+        let text = r
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap();
+        (r.status().as_u16(), text, id)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {

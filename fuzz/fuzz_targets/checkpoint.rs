@@ -1,0 +1,4 @@
+//! `tofy::fuzzing::checkpoint` on every input libFuzzer makes.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tofy::fuzzing::checkpoint(data));
