@@ -11,7 +11,7 @@
 # The `@ai-sdk/openai-compatible` provider is compiled into the opencode
 # binary, so nothing is installed at run time: no network is needed.
 #
-# The request OpenCode sends is ~7.8k SmolLM2 tokens (system prompt + tool
+# The request OpenCode sends is ~7.7k SmolLM2 tokens (system prompt + tool
 # schemas), so the server needs a context of about 8.7k per sequence
 # (`tofy serve --ctx 8704`; docs/opencode.json says so to OpenCode).
 # Exits 0 only if opencode exits 0 and prints a non-empty reply.
