@@ -29,18 +29,20 @@ impl Point {
     }
 }
 
-/// Panics when `text` asks for a fault at `point` (fault-injection builds).
+/// Panics when the request's text (`text()`, called only in
+/// fault-injection builds) asks for a fault at `point`.
 #[cfg(feature = "fault-injection")]
-pub fn inject(point: Point, text: &str) {
-    if text.contains(point.marker()) {
+pub fn inject<S: AsRef<str>>(point: Point, text: impl FnOnce() -> S) {
+    if text().as_ref().contains(point.marker()) {
         panic!("injected fault at {point:?}");
     }
 }
 
-/// Nothing: this build has no fault-injection points.
+/// Nothing, and `text` is never called: this build has no fault-injection
+/// points, and a shipped worker must not build strings for them.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn inject(_point: Point, _text: &str) {}
+pub fn inject<S: AsRef<str>>(_point: Point, _text: impl FnOnce() -> S) {}
 
 /// What a panic said (its `&str` or `String` payload).
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {

@@ -741,8 +741,8 @@ fn the_ai_sdk_works() {
 fn opencode_run_gets_a_reply() {
     // OpenCode's system prompt and tool schemas are ~7.7k SmolLM2 tokens,
     // and docs/opencode.json lets it ask for 512 more. An f16 cache: this
-    // checks the client, and a 7.6k-token prefill takes half as long with
-    // matrix-product attention as on the q8_0 cache's row-by-row path.
+    // checks the client, and a long prefill was faster with matrix-product
+    // attention than on the q8_0 cache's row-by-row path (docs/server.md).
     let server = Server::start(
         &["--ctx", "8704", "--parallel", "1", "--cache-type", "f16"],
         &[("JEPA_DECODER_THREADS", "2")],

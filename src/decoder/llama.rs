@@ -1082,7 +1082,7 @@ impl<'m> Scheduler<'m> {
             let Some(Queued { job, prepared }) = self.queue.pop_front() else {
                 return;
             };
-            crate::fault::inject(crate::fault::Point::Worker, &job.work.text());
+            crate::fault::inject(crate::fault::Point::Worker, || job.work.text());
             tracing::debug!(
                 queued_ms = job.start.elapsed().as_millis() as u64,
                 prompt = prepared.items.len(),

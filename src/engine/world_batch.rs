@@ -95,7 +95,7 @@ fn guarded(
 ) -> Result<Vec<Conditioning>, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for prompt in prompts {
-            crate::fault::inject(crate::fault::Point::World, prompt);
+            crate::fault::inject(crate::fault::Point::World, || *prompt);
         }
         condition_all(world, prompts, ablate).map_err(|e: WorldError| e.to_string())
     }))

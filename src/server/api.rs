@@ -17,6 +17,16 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
 }
 
+impl ChatRequest {
+    /// The tool definitions' system-prompt section, when the request offers
+    /// tools (some, and `tool_choice` not `"none"`).
+    pub fn offered_tools(&self) -> Option<String> {
+        let offered = !self.tools.is_empty()
+            && self.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
+        offered.then(|| super::tools::tools_prompt(&self.tools))
+    }
+}
+
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {

@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::api::{
@@ -100,8 +99,7 @@ pub(crate) async fn chat(
     let tofy = body.options.tofy.take().unwrap_or_default();
     let report = tofy.return_conditioning;
     let turn = turn_options(&state, tofy)?;
-    let tools =
-        !body.tools.is_empty() && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
+    let offer = body.offered_tools();
     let conversation = conversation(body.messages)?;
     let world_prompt = conversation
         .iter()
@@ -109,16 +107,26 @@ pub(crate) async fn chat(
         .find(|m| m.role == Role::User)
         .map(|m| m.content.clone())
         .unwrap_or_default();
-    let offer = tools.then(|| tools::tools_prompt(&body.tools));
     let bytes = conversation.iter().map(|m| m.content.len()).sum::<usize>()
         + offer.as_ref().map_or(0, String::len);
     check_size(&state, bytes, "messages")?;
+    let offered = offer.is_some();
     let input = Input::Chat {
         conversation,
         world_prompt,
         tools: offer,
     };
-    respond(state, &req, body.options, input, turn, report, true, tools).await
+    respond(
+        state,
+        &req,
+        body.options,
+        input,
+        turn,
+        report,
+        true,
+        offered,
+    )
+    .await
 }
 
 /// At most [`MAX_MESSAGES`] messages and [`MAX_TOOLS`] tools.
@@ -161,13 +169,11 @@ pub(crate) fn chat_prompt(body: &[u8]) -> Result<String, ApiError> {
         &mut body.options,
         Prompt::Raw(Vec::new()),
     )?;
-    let tools =
-        !body.tools.is_empty() && body.tool_choice.as_ref().and_then(Value::as_str) != Some("none");
+    let offer = body.offered_tools();
     let conversation = conversation(body.messages)?;
-    let messages = if tools {
-        offer_tools(&conversation, &tools::tools_prompt(&body.tools))
-    } else {
-        conversation
+    let messages = match &offer {
+        Some(offer) => offer_tools(&conversation, offer),
+        None => conversation,
     };
     Ok(crate::decoder::prompt::plain_layout(&messages))
 }
@@ -667,9 +673,9 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
     let (conversation, world_prompt, tools) = match input {
         Input::Raw(segments) => {
             request.prompt = Prompt::Raw(segments);
-            if let Some(text) = request.prompt.plain_text() {
-                crate::fault::inject(crate::fault::Point::Request, &text);
-            }
+            crate::fault::inject(crate::fault::Point::Request, || {
+                request.prompt.last_user_text()
+            });
             let accepted = decoder.submit(&request)?;
             let _ = tx.send(Event::Accepted);
             let generation = accepted.stream(&mut sink)?;
@@ -681,7 +687,7 @@ fn run(state: &State, job: Job, tx: &mpsc::UnboundedSender<Event>) -> Result<Out
             tools,
         } => (conversation, world_prompt, tools),
     };
-    crate::fault::inject(crate::fault::Point::Request, &world_prompt);
+    crate::fault::inject(crate::fault::Point::Request, || world_prompt.as_str());
     let steer = engine.steer(&world_prompt, &turn)?;
     request.control = steer.control.clone();
     let messages = match &tools {
