@@ -286,7 +286,13 @@ where
                 Err(err) => {
                     *loader_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
                     // stop() sends its command at once; nobody awaits it.
-                    drop(handle.stop(false));
+                    // Graceful, so `server.await` returns only after every
+                    // worker has logged its shutdown: the error is then the
+                    // last line on stderr, as a CLI failure should be.
+                    // Before load every request is answered at once (503),
+                    // so this waits at most for an idle keep-alive client,
+                    // bounded by the 5 s shutdown timeout.
+                    drop(handle.stop(true));
                 }
             })?;
         server.await
