@@ -325,7 +325,7 @@ def get(host, path):
 
 
 def metric(text, name):
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    match = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
     return float(match.group(1)) if match else None
 
 

@@ -67,10 +67,11 @@ fn chat_completions_and_models_speak_openai() {
         assert_eq!(models["data"][0]["id"], "tofy");
         assert_eq!(models["data"][0]["object"], "model");
     }
-    assert_eq!(
-        server.get("/health"),
-        (200, r#"{"status":"ok"}"#.to_string())
-    );
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200, "{health}");
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health["replica"].as_str().is_some_and(|r| !r.is_empty()));
 
     // No user text for the world model: answered unconditioned, not an error.
     let body =
@@ -173,6 +174,97 @@ fn a_disconnect_frees_its_sequence() {
         server.metric("tofy_completion_tokens_total") < 3000.0,
         "the long stream stopped early"
     );
+}
+
+fn sigterm(server: &Server) {
+    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[test]
+fn a_replica_names_itself_and_drains_on_sigterm() {
+    let mut server = Server::start(
+        &["--replica-id", "replica-a", "--drain-timeout", "600"],
+        &[],
+    );
+    let (status, replica, body) = server.get_header("/health", "x-tofy-replica");
+    assert_eq!(
+        (status, replica.as_deref()),
+        (200, Some("replica-a")),
+        "{body}"
+    );
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health, json!({"status": "ok", "replica": "replica-a"}));
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains(r#"tofy_sequences_active{replica="replica-a"} 0"#),
+        "{metrics}"
+    );
+
+    // Two streams in flight: a short one that must finish during the
+    // drain, and an endless one that keeps the server draining until its
+    // client leaves.
+    let short = with(chat("Count to one hundred.", 150), "stream", json!(true));
+    let short = with(short, "ignore_eos", json!(true));
+    let endless = with(short.clone(), "max_tokens", json!(3000));
+    let mut short = server.open_stream("/v1/chat/completions", &short);
+    let mut endless = server.open_stream("/v1/chat/completions", &endless);
+    let mut line = String::new();
+    for reader in [&mut short as &mut dyn BufRead, &mut endless] {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("data: "), "{line}");
+    }
+
+    sigterm(&server);
+    let draining = server.wait_for_log(&["draining", "SIGTERM"]);
+    assert!(draining.contains("in_flight=2"), "{draining}");
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 503, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        health,
+        json!({"status": "draining", "replica": "replica-a"})
+    );
+    let (status, body) = server.post("/v1/chat/completions", &chat("Hi", 2));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("draining"),
+        "{body}"
+    );
+
+    let rest = events(short);
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    assert!(rest.len() > 2, "the short stream went on: {rest:?}");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server must wait for the endless stream"
+    );
+    drop(endless);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    server.wait_for_log(&["drained; stopping"]);
+}
+
+#[test]
+fn a_drain_that_outlasts_its_timeout_still_exits_0() {
+    let mut server = Server::start(&["--drain-timeout", "1"], &[]);
+    let endless = with(chat("Count to one thousand.", 3000), "stream", json!(true));
+    let endless = with(endless, "ignore_eos", json!(true));
+    let mut endless = server.open_stream("/v1/chat/completions", &endless);
+    let mut line = String::new();
+    endless.read_line(&mut line).unwrap();
+    sigterm(&server);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    server.wait_for_log(&["drain timeout passed", "left=1"]);
+    // Cut: the body ends (or errors) with no [DONE].
+    let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
+    assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
 }
 
 /// Sends a request on a raw connection and returns the connection, unread.

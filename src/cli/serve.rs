@@ -52,6 +52,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS as u32, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     default_max_tokens: u32,
+    /// This replica's name, in `/health`, on every metric (`replica` label) and in each
+    /// response's `X-Tofy-Replica` header (default: the host name).
+    #[arg(long, env = "TOFY_REPLICA_ID", value_name = "ID", value_parser = replica_id)]
+    replica_id: Option<String>,
+    /// Seconds that in-flight requests get to finish after SIGTERM or SIGINT (`/health`
+    /// answers 503 and new generations are refused meanwhile); a second signal stops at once.
+    #[arg(long, env = "TOFY_DRAIN_TIMEOUT", default_value_t = 30.0, value_name = "SECS",
+          value_parser = drain_secs)]
+    drain_timeout: f64,
     #[command(flatten)]
     decoder: DecoderArgs,
 }
@@ -70,6 +79,36 @@ fn keep_alive_secs(text: &str) -> Result<f64, String> {
             "'{text}' is not a number of seconds from 0.1 to 3600"
         )),
     }
+}
+
+fn drain_secs(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.0..=86400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds from 0 to 86400"
+        )),
+    }
+}
+
+/// A replica id goes into a header and a Prometheus label, so it is kept
+/// to the characters both take as they are.
+fn replica_id(text: &str) -> Result<String, String> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
+    if (1..=64).contains(&text.len()) && text.bytes().all(plain) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "'{text}' is not a replica id: use 1 to 64 letters, digits, '-', '_', '.' or ':'"
+        ))
+    }
+}
+
+/// The host name, as a replica id (`tofy` when it is not a valid one).
+fn default_replica_id() -> String {
+    let host = gethostname::gethostname();
+    host.to_str()
+        .and_then(|h| replica_id(h).ok())
+        .unwrap_or_else(|| "tofy".to_string())
 }
 
 /// The log on stderr: `RUST_LOG` filters (default `info`), text or JSON.
@@ -161,6 +200,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         sampling: config.sampling.clone(),
         max_tokens: args.default_max_tokens as usize,
         keep_alive: std::time::Duration::from_secs_f64(args.sse_keepalive),
+        replica: args.replica_id.unwrap_or_else(default_replica_id),
+        drain_timeout: std::time::Duration::from_secs_f64(args.drain_timeout),
     };
     let settings = args.decoder.cond_settings();
     let control = args.decoder.control()?;

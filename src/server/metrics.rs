@@ -1,5 +1,7 @@
 //! `GET /metrics`: Prometheus text for requests, tokens, sequences and
-//! latencies (`prometheus-client`).
+//! latencies (`prometheus-client`), every series labelled with the
+//! replica's id so that figures stay apart when they are federated or
+//! summed across replicas.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -29,9 +31,12 @@ pub struct Metrics {
     queued: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("tofy");
+impl Metrics {
+    pub fn new(replica: &str) -> Self {
+        let mut registry = Registry::with_prefix_and_labels(
+            "tofy",
+            [("replica".into(), replica.to_string().into())].into_iter(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         let (prompt_tokens, cached_tokens, completion_tokens) =
             (Counter::default(), Counter::default(), Counter::default());
@@ -91,9 +96,7 @@ impl Default for Metrics {
             queued,
         }
     }
-}
 
-impl Metrics {
     pub fn record_request(&self, route: &str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {

@@ -36,7 +36,7 @@ mod tokenize;
 pub mod tools;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -97,6 +97,11 @@ pub struct ServeOptions {
     pub max_tokens: usize,
     /// A comment on a stream that has sent nothing for this long.
     pub keep_alive: Duration,
+    /// This replica's name (`/health`, the `replica` metrics label,
+    /// `X-Tofy-Replica`).
+    pub replica: String,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,10 @@ pub(crate) struct State {
     sampling: Sampling,
     max_tokens: usize,
     keep_alive: Duration,
+    replica: String,
+    /// Set by SIGTERM/SIGINT: `/health` answers 503 and new generations
+    /// are refused while the admitted ones finish.
+    draining: AtomicBool,
     created: u64,
     /// Why the server can no longer serve, once it cannot.
     fatal: OnceLock<String>,
@@ -189,15 +198,25 @@ impl State {
 
     /// A place among the running or queued requests, or 503.
     fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+        // Counted before the draining check, both SeqCst, pairing with
+        // `drain`'s store-then-load: a request either sees the flag or is
+        // seen in `in_flight`, never slips between the two.
+        let ahead = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let admission = Admission(Arc::clone(self));
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable(format!(
+                "replica {} is shutting down (draining); retry, and a load balancer will send the request to another replica",
+                self.replica
+            )));
+        }
         let limit = self.parallel + self.queue;
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if ahead >= limit {
             return Err(ApiError::unavailable(format!(
                 "server busy: {limit} requests are running or queued (--parallel {}, --queue {}); retry later",
                 self.parallel, self.queue
             )));
         }
-        Ok(Admission(Arc::clone(self)))
+        Ok(admission)
     }
 
     /// (active, queued) sequences right now.
@@ -231,7 +250,7 @@ where
 {
     let state = Arc::new(State {
         engine: OnceLock::new(),
-        metrics: Metrics::default(),
+        metrics: Metrics::new(&options.replica),
         in_flight: AtomicUsize::new(0),
         parallel: options.parallel.max(1),
         queue: options.queue,
@@ -242,6 +261,8 @@ where
         sampling: options.sampling,
         max_tokens: options.max_tokens,
         keep_alive: options.keep_alive,
+        replica: options.replica,
+        draining: AtomicBool::new(false),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -264,11 +285,18 @@ where
         })
         .on_connect(peer::on_connect)
         .workers(workers)
+        // SIGTERM/SIGINT are `drain_on_signal`'s: actix would stop at once.
+        .disable_signals()
         .shutdown_timeout(5)
         .listen(options.listener)?
         .run();
         let handle = server.handle();
         let _ = state.handle.set(handle.clone());
+        actix_web::rt::spawn(drain_on_signal(
+            Arc::clone(&state),
+            handle.clone(),
+            options.drain_timeout,
+        ));
         let (loader_state, loader_error) = (Arc::clone(&state), Arc::clone(&load_error));
         std::thread::Builder::new()
             .name("tofy-load".into())
@@ -305,6 +333,62 @@ where
         (Some(err), _) => Err(ServeError::Load(err)),
         (None, Some(reason)) => Err(ServeError::Fatal(reason.clone())),
         (None, None) => Ok(()),
+    }
+}
+
+/// The first SIGTERM or SIGINT drains: `/health` turns 503 and new
+/// generations are refused (503, for the balancer to retry elsewhere)
+/// while the admitted ones finish, for at most `grace`; then the server
+/// stops and `serve` returns Ok (exit 0). A second signal stops at once.
+async fn drain_on_signal(state: Arc<State>, handle: ServerHandle, grace: Duration) {
+    use actix_web::rt::signal::unix::{SignalKind, signal};
+    use futures_util::future::{Either, select};
+    use std::pin::pin;
+
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "could not install the SIGTERM/SIGINT handlers: a signal stops the server without draining"
+        );
+        return;
+    };
+    let mut next_signal = async move || match select(pin!(term.recv()), pin!(int.recv())).await {
+        Either::Left(_) => "SIGTERM",
+        Either::Right(_) => "SIGINT",
+    };
+    let signal = next_signal().await;
+    // SeqCst, pairing with `State::admit` (it counts, then reads the flag).
+    state.draining.store(true, Ordering::SeqCst);
+    let in_flight = state.in_flight.load(Ordering::SeqCst);
+    tracing::warn!(
+        signal,
+        in_flight,
+        grace_s = grace.as_secs_f64(),
+        "draining: /health answers 503 and new generations are refused; stopping once the in-flight requests finish"
+    );
+    let deadline = Instant::now() + grace;
+    let drained = async {
+        while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match select(pin!(drained), pin!(next_signal())).await {
+        Either::Left(_) => {
+            match state.in_flight.load(Ordering::SeqCst) {
+                0 => tracing::info!("drained; stopping"),
+                left => tracing::warn!(
+                    left,
+                    "the drain timeout passed with requests still running; stopping (they are cut)"
+                ),
+            }
+            handle.stop(true).await;
+        }
+        Either::Right((signal, _)) => {
+            tracing::warn!(signal, "second signal: stopping now");
+            handle.stop(false).await;
+        }
     }
 }
 
@@ -348,14 +432,22 @@ fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// 200 only when this replica takes new work: 503 while loading, draining,
+/// or after the worker died. Cheap: it reads flags, never the decoder's
+/// queue.
 async fn health(state: web::Data<State>) -> HttpResponse {
+    let replica = &state.replica;
     if let Some(reason) = state.failure() {
         HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({ "status": "error", "error": reason }))
+            .json(serde_json::json!({ "status": "error", "error": reason, "replica": replica }))
+    } else if state.draining.load(Ordering::Acquire) {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "draining", "replica": replica }))
     } else if state.engine.get().is_some() {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "replica": replica }))
     } else {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "loading" }))
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "loading", "replica": replica }))
     }
 }
 
@@ -396,6 +488,7 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 struct RequestId(String);
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REPLICA: HeaderName = HeaderName::from_static("x-tofy-replica");
 
 /// The id [`observe`] gave this request.
 pub(crate) fn request_id(req: &HttpRequest) -> String {
@@ -432,7 +525,7 @@ async fn observe(
     let method = req.method().clone();
     let mut response = next.call(req).await?;
     let status = response.status().as_u16();
-    if let Some(state) = state {
+    if let Some(state) = &state {
         let route = route.strip_prefix("/v1").unwrap_or(&route);
         state.metrics.record_request(route, status);
     }
@@ -455,6 +548,19 @@ async fn observe(
     }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
+    }
+    if let Some(state) = &state {
+        if let Ok(value) = HeaderValue::from_str(&state.replica) {
+            response.headers_mut().insert(REPLICA, value);
+        }
+        // A draining replica closes each connection after its response,
+        // so keep-alive clients reconnect (through the balancer, elsewhere).
+        if state.draining.load(Ordering::Acquire) {
+            response
+                .response_mut()
+                .head_mut()
+                .set_connection_type(actix_web::http::ConnectionType::Close);
+        }
     }
     Ok(response)
 }

@@ -103,6 +103,20 @@ impl Server {
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
     }
 
+    /// A GET: its status, the value of `header`, and its body.
+    pub fn get_header(&self, path: &str, header: &str) -> (u16, Option<String>, String) {
+        let mut r = self.agent.get(self.url(path)).call().expect("GET");
+        let value = r
+            .headers()
+            .get(header)
+            .map(|v| v.to_str().unwrap().to_string());
+        (
+            r.status().as_u16(),
+            value,
+            r.body_mut().read_to_string().unwrap(),
+        )
+    }
+
     /// A GET that may find the server gone: `None` when it could not connect.
     pub fn get_or_gone(&self, path: &str) -> (Option<u16>, String) {
         match self.agent.get(self.url(path)).call() {
@@ -179,10 +193,18 @@ impl Server {
         BufReader::new(r.into_body().into_reader())
     }
 
+    /// The value of the first `name` series (whatever its labels).
     pub fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
         text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let rest = match rest.strip_prefix('{') {
+                    Some(labels) => &labels[labels.find('}')? + 1..],
+                    None => rest,
+                };
+                rest.strip_prefix(' ')?.parse().ok()
+            })
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     }
 
