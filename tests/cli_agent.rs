@@ -150,7 +150,7 @@ fn models_are_discovered_under_models_and_the_cpu_build_notes_ngl() {
     );
     assert!(text.contains("backend:       llama (default)"), "{text}");
     let ngl_line = if cpu_only {
-        "GPU layers:    99 (ignored: CPU-only build)"
+        "GPU layers:    99 (ignored: CPU only)"
     } else {
         "GPU layers:    99\n"
     };

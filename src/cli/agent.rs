@@ -131,7 +131,7 @@ pub(crate) fn notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) ->
         && !decoder::llama::gpu_offload_supported()
     {
         out.push(format!(
-            "note: JEPA_DECODER_NGL={} ignored: this build of llama.cpp has no GPU backend (CPU only)",
+            "note: JEPA_DECODER_NGL={} ignored: llama.cpp found no GPU and no RPC server (CPU only)",
             config.ngl
         ));
     }
@@ -360,13 +360,13 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         if gpu {
             "GPU offload available"
         } else {
-            "CPU only (no GPU backend in this build)"
+            "CPU only (no GPU found, and no RPC server given)"
         }
     )?;
     let ngl_note = if gpu || config.ngl == 0 {
         ""
     } else {
-        " (ignored: CPU-only build)"
+        " (ignored: CPU only)"
     };
     writeln!(out, "GPU layers:    {}{ngl_note}", config.ngl)?;
     writeln!(

@@ -39,6 +39,11 @@ pub struct DecoderArgs {
     #[arg(long, env = "JEPA_DECODER_NGL", default_value_t = DEFAULT_NGL, value_name = "N",
           value_parser = parse_ngl, allow_negative_numbers = true)]
     pub ngl: u32,
+    /// llama.cpp RPC servers (`tofy rpc-server` on other hosts) that take the offloaded layers:
+    /// `host:port,host:port` (deploy/README.md).
+    #[arg(long, env = "TOFY_RPC", value_name = "HOST:PORT,...", value_delimiter = ',',
+          value_parser = parse_endpoint)]
+    pub rpc: Vec<String>,
     /// Sampling temperature (0 = greedy).
     #[arg(long, env = "JEPA_DECODER_TEMP", default_value_t = DEFAULT_TEMP, value_name = "T",
           value_parser = parse_temp, allow_negative_numbers = true)]
@@ -162,7 +167,20 @@ impl DecoderArgs {
                 seed: self.seed,
             },
             split_mixed_batches: false,
+            rpc: self.rpc.clone(),
         }
+    }
+}
+
+/// A `host:port` RPC endpoint.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    match s.trim().rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.trim().to_string())
+        }
+        _ => Err(format!(
+            "'{s}' is not an RPC endpoint: TOFY_RPC / --rpc takes host:port, comma-separated"
+        )),
     }
 }
 

@@ -8,6 +8,7 @@ mod eval_conditioning;
 mod fit_control;
 mod fit_projector;
 mod projector;
+mod rpc_server;
 mod serve;
 mod train;
 mod train_projector;
@@ -44,6 +45,8 @@ enum Command {
     Doctor(agent::DoctorArgs),
     /// Serve the OpenAI API (chat, completions, models) for OpenCode and other clients.
     Serve(serve::ServeArgs),
+    /// Serve this host's GPU (or CPU) to llama.cpp RPC clients (`tofy serve --rpc`).
+    RpcServer(rpc_server::RpcServerArgs),
     /// Write a fixed random projector for a GGUF (a placeholder, and a baseline).
     RandomProjector(projector::RandomProjectorArgs),
     /// Does the conditioning help? The decoder's NLL of held-out replies under each mode.
@@ -139,6 +142,7 @@ where
         Command::InferAgent(args) => agent::infer(args),
         Command::Doctor(args) => agent::doctor(args),
         Command::Serve(args) => serve::run(args),
+        Command::RpcServer(args) => rpc_server::run(args),
         Command::RandomProjector(args) => projector::run(args),
         Command::EvalConditioning(args) => eval_conditioning::run(args),
         Command::FitProjector(args) => fit_projector::run(args),

@@ -139,6 +139,9 @@ pub struct DecoderConfig {
     /// fallback for architectures that refuse the mix), whatever the
     /// model. For tests and debugging; results are the same either way.
     pub split_mixed_batches: bool,
+    /// `TOFY_RPC`: llama.cpp RPC servers (`host:port`) that take the
+    /// offloaded layers, in order (llama backend only).
+    pub rpc: Vec<String>,
 }
 
 impl Default for DecoderConfig {
@@ -155,6 +158,7 @@ impl Default for DecoderConfig {
             cache_type: CacheType::default(),
             sampling: Sampling::default(),
             split_mixed_batches: false,
+            rpc: Vec::new(),
         }
     }
 }

@@ -27,6 +27,7 @@
 //! job (batched, prefix reuse included).
 
 pub mod ffi;
+pub mod rpc;
 mod sample;
 
 use std::collections::VecDeque;
@@ -75,9 +76,11 @@ pub fn backend() -> Result<&'static LlamaBackend, DecoderError> {
         .map_err(|e| DecoderError::Backend(e.clone()))
 }
 
-/// Whether this build of llama.cpp can offload layers to a GPU.
+/// Whether `--ngl` layers have somewhere to go: a GPU, or a registered RPC
+/// server. (llama.cpp's own `supports_gpu_offload` says yes whenever the RPC
+/// backend is compiled in, servers or not.)
 pub fn gpu_offload_supported() -> bool {
-    backend().is_ok_and(LlamaBackend::supports_gpu_offload)
+    rpc::offload_device_present()
 }
 
 /// A generation or a scoring handed to the worker thread.
@@ -532,6 +535,7 @@ struct Loaded {
 impl Loaded {
     fn open(path: &Path, config: &DecoderConfig) -> Result<Self, DecoderError> {
         let backend = backend()?;
+        rpc::add_servers(&config.rpc)?;
         let params = LlamaModelParams::default().with_n_gpu_layers(config.ngl);
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|_| {
             DecoderError::ModelLoad {

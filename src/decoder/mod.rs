@@ -484,6 +484,8 @@ pub enum DecoderError {
         sets: usize,
         marker: &'static str,
     },
+    #[error("RPC: {0}")]
+    Rpc(String),
     #[error("token id {token} is not in this model's vocabulary (0..{n_vocab})")]
     InvalidToken { token: i32, n_vocab: usize },
 }

@@ -1,0 +1,53 @@
+//! `tofy rpc-server`: this host's devices (its GPUs, else its CPU) served to
+//! llama.cpp RPC clients, so that a `tofy serve --rpc host:port,...`
+//! elsewhere can put a model's layers here (deploy/README.md).
+
+use clap::Args;
+
+use crate::decoder::config::physical_cores;
+use crate::decoder::llama::rpc;
+
+#[derive(Debug, Args)]
+pub struct RpcServerArgs {
+    /// Address to listen on. The protocol has no authentication: keep it on a private
+    /// network (0.0.0.0 exposes the device to anyone who can reach this host).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 50052, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// CPU threads, when the CPU is the device served [default: physical cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
+    /// A directory where tensors are kept between runs, so a client that loads the same
+    /// model again sends only their hashes.
+    #[arg(long, value_name = "DIR")]
+    cache: Option<std::path::PathBuf>,
+}
+
+pub fn run(args: RpcServerArgs) -> anyhow::Result<()> {
+    // Bind-check first, for a one-line error (ggml prints its own and returns).
+    std::net::TcpListener::bind((args.host.as_str(), args.port)).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}:{} ({e}); pass another --port, or a --host of this machine",
+            args.host,
+            args.port
+        )
+    })?;
+    if let Some(dir) = &args.cache {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the cache directory {}: {e}", dir.display())
+        })?;
+    }
+    let threads = args.threads.map_or_else(physical_cores, |t| t as usize);
+    let cache = args
+        .cache
+        .as_deref()
+        .map(|d| d.to_string_lossy().into_owned());
+    rpc::serve(
+        &format!("{}:{}", args.host, args.port),
+        threads,
+        cache.as_deref(),
+    )?;
+    Ok(())
+}
