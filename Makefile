@@ -19,7 +19,7 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test fuzz soak setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
+.PHONY: demo test fuzz soak cluster-check setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -39,6 +39,10 @@ fuzz: setup
 ## soak: 10,000 requests at 32 concurrency, a fifth of them malformed and a fifth vanishing (issue 14)
 soak: setup build models
 	scripts/soak.sh
+
+## cluster-check: 3 replicas behind nginx, a replica killed and one drained mid-run (issue 16)
+cluster-check: build models
+	scripts/cluster-check.sh
 
 ## setup: check the toolchain and install the system packages the build needs
 setup:

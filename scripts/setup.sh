@@ -7,6 +7,13 @@ set -euo pipefail
 # Debian packages the build needs: llama-cpp-sys-2 builds llama.cpp with
 # cmake and generates its bindings with bindgen (clang + libclang).
 APT_PACKAGES=(cmake clang libclang-dev)
+# `scripts/setup.sh --cluster` adds nginx for make cluster-check.
+if [[ "${1:-}" == "--cluster" ]]; then
+    APT_PACKAGES+=(nginx-light)
+elif (($#)); then
+    echo "setup: unknown option '$1'; the only option is --cluster (adds nginx-light)" >&2
+    exit 2
+fi
 
 need_cmd() {
     command -v "$1" >/dev/null 2>&1 || {
