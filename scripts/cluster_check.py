@@ -23,10 +23,10 @@ Definitions (the report repeats them):
   session's previous turn began and before the turn ended (a request nginx
   retried elsewhere after its replica died is inside). The events: the
   kill; the restarted replica's recovery, which is the end of the first
-  request it completes (nginx lets one request at a time probe a failed
-  replica and puts it back only when that request succeeds, so with
-  minute-long CPU turns recovery comes well after the restart); and the
-  drain.
+  request it completes (after fail_timeout nginx lets a request through to
+  a failed replica, one every fail_timeout, and takes it back fully only
+  when one succeeds, so with minute-long CPU turns recovery comes well
+  after the restart); and the drain.
 - each replica gets --parallel 12 (as many sequences as agents), so that a
   replica can hold every conversation when the others are down: the check
   measures routing, not capacity (deploy/README.md sizes --parallel).
@@ -295,6 +295,19 @@ def share(turns, hit):
             "share": round(hits / len(turns), 3) if turns else None}
 
 
+def retried(lb):
+    """How often nginx retried a request on another replica, by the
+    statuses it got (`upstream_status` of its access log: "503, 200" is a
+    503 from a draining replica, then a 200 elsewhere; nginx logs a refused
+    or cut connection as 502)."""
+    counts = {}
+    for line in open(os.path.join(lb.dir, "access.log")):
+        match = re.search(r"upstream_status=([0-9, ]+)$", line.strip())
+        if match and "," in match.group(1):
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
+
+
 def throughput(records, wall):
     done = [r for r in records if r.ok]
     completion = sum(r.completion_tokens for r in done)
@@ -428,6 +441,7 @@ def main():
             "failures": [{"session": r.session, "turn": r.turn, "stream": r.stream,
                           "replica": r.replica, "error": r.error[:160]} for r in failed],
         }
+        report["faults"]["nginx_retried"] = retried(lb)
         print(json.dumps(report["faults"], indent=1), flush=True)
         t0 = min(r.start for r in records)
         report["faults"]["events_s"] = {k: round(v - t0, 2) for k, v in events.items()

@@ -155,10 +155,12 @@ fn a_disconnect_frees_its_sequence() {
         reader.read_line(&mut line).unwrap();
     }
     assert_eq!(server.metric("tofy_sequences_active"), 1.0);
-    // The one place is taken and nothing may queue: 503 in OpenAI form.
+    // The one place is taken and nothing may queue: 429 in OpenAI form (a
+    // 503 would tell a balancer this healthy replica is down).
     let (status, body) = server.post("/v1/chat/completions", &chat("Hi", 2));
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["type"], "server_error");
+    assert_eq!(body["error"]["code"], "server_busy");
 
     drop(reader);
     server.wait_until(
@@ -174,6 +176,21 @@ fn a_disconnect_frees_its_sequence() {
         server.metric("tofy_completion_tokens_total") < 3000.0,
         "the long stream stopped early"
     );
+}
+
+/// The server's exit status, waiting at most two minutes (a hang guard).
+fn exit_status(server: &mut Server) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn sigterm(server: &Server) {
@@ -244,9 +261,11 @@ fn a_replica_names_itself_and_drains_on_sigterm() {
         server.child.try_wait().unwrap().is_none(),
         "the server must wait for the endless stream"
     );
+    // Its client leaves: the generation is cancelled, the drain ends.
     drop(endless);
-    let status = server.child.wait().unwrap();
+    let status = exit_status(&mut server);
     assert!(status.success(), "{status}");
+    server.wait_for_log(&["generation finished", "finish=Cancelled"]);
     server.wait_for_log(&["drained; stopping"]);
 }
 
@@ -259,7 +278,7 @@ fn a_drain_that_outlasts_its_timeout_still_exits_0() {
     let mut line = String::new();
     endless.read_line(&mut line).unwrap();
     sigterm(&server);
-    let status = server.child.wait().unwrap();
+    let status = exit_status(&mut server);
     assert!(status.success(), "{status}");
     server.wait_for_log(&["drain timeout passed", "left=1"]);
     // Cut: the body ends (or errors) with no [DONE].

@@ -354,16 +354,21 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         }
     }
     let gpu = decoder::llama::gpu_offload_supported();
+    // RPC servers are registered (and reached) only when a model loads.
+    let rpc = !config.rpc.is_empty();
     writeln!(
         out,
         "llama.cpp:     linked in-process; {}",
-        if gpu {
-            "GPU offload available"
-        } else {
-            "CPU only (no GPU found, and no RPC server given)"
+        match (gpu, rpc) {
+            (true, _) => "GPU offload available".to_string(),
+            (false, true) => format!(
+                "layers go to the RPC servers {} (reached when a model loads)",
+                config.rpc.join(", ")
+            ),
+            (false, false) => "CPU only (no GPU found, and no RPC server given)".to_string(),
         }
     )?;
-    let ngl_note = if gpu || config.ngl == 0 {
+    let ngl_note = if gpu || rpc || config.ngl == 0 {
         ""
     } else {
         " (ignored: CPU only)"

@@ -172,14 +172,19 @@ impl DecoderArgs {
     }
 }
 
-/// A `host:port` RPC endpoint.
+/// A `host:port` RPC endpoint. IPv4 or a name only: llama.cpp splits an
+/// endpoint at its first ':' and resolves names to IPv4.
 fn parse_endpoint(s: &str) -> Result<String, String> {
-    match s.trim().rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+    match s.trim().split_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !host.contains(['[', ']'])
+                && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+        {
             Ok(s.trim().to_string())
         }
         _ => Err(format!(
-            "'{s}' is not an RPC endpoint: TOFY_RPC / --rpc takes host:port, comma-separated"
+            "'{s}' is not an RPC endpoint: TOFY_RPC / --rpc takes IPv4 host:port (or name:port), comma-separated"
         )),
     }
 }

@@ -91,9 +91,22 @@ impl ApiError {
         )
     }
 
-    /// 503 with the reason (loading, queue full).
+    /// 503 with the reason: this replica cannot serve now (loading,
+    /// draining, its worker died). A balancer retries it elsewhere.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+    }
+
+    /// 429: every sequence and queue place is taken. Not a 503: the replica
+    /// is healthy, and a balancer that counts 503s as failures (nginx with
+    /// `proxy_next_upstream http_503`) would take it out of rotation and
+    /// scatter its conversations' caches. Clients retry a 429 after
+    /// `Retry-After` (OpenAI's SDKs do by default), as TGI's overload 429.
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("server_busy"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "server_error", message)
+        }
     }
 
     /// 500 for this request only: `stage` (what failed, said to the
@@ -134,7 +147,15 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(self.body())
+        let mut response = HttpResponse::build(self.status);
+        // A busy or unavailable server says when to try again.
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        response.json(self.body())
     }
 }
 

@@ -211,7 +211,7 @@ impl State {
         }
         let limit = self.parallel + self.queue;
         if ahead >= limit {
-            return Err(ApiError::unavailable(format!(
+            return Err(ApiError::busy(format!(
                 "server busy: {limit} requests are running or queued (--parallel {}, --queue {}); retry later",
                 self.parallel, self.queue
             )));
@@ -377,13 +377,21 @@ async fn drain_on_signal(state: Arc<State>, handle: ServerHandle, grace: Duratio
     match select(pin!(drained), pin!(next_signal())).await {
         Either::Left(_) => {
             match state.in_flight.load(Ordering::SeqCst) {
-                0 => tracing::info!("drained; stopping"),
-                left => tracing::warn!(
-                    left,
-                    "the drain timeout passed with requests still running; stopping (they are cut)"
-                ),
+                0 => {
+                    tracing::info!("drained; stopping");
+                    // Graceful: the last replies finish writing.
+                    handle.stop(true).await;
+                }
+                left => {
+                    tracing::warn!(
+                        left,
+                        "the drain timeout passed with requests still running; stopping (they are cut)"
+                    );
+                    // Now, not after another shutdown timeout: the drain
+                    // timeout is what operators size their grace period by.
+                    handle.stop(false).await;
+                }
             }
-            handle.stop(true).await;
         }
         Either::Right((signal, _)) => {
             tracing::warn!(signal, "second signal: stopping now");

@@ -105,8 +105,9 @@ fn probe(endpoint: &str) -> Result<(), DecoderError> {
     let addresses = endpoint
         .to_socket_addrs()
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut last = "the name resolves to no address".to_string();
-    for address in addresses {
+    let mut last = "the name resolves to no IPv4 address".to_string();
+    // IPv4 only, as llama.cpp connects (gethostbyname).
+    for address in addresses.filter(std::net::SocketAddr::is_ipv4) {
         match TcpStream::connect_timeout(&address, PROBE_TIMEOUT) {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
