@@ -264,16 +264,21 @@ def run_agents(port, tag, agents, turns, max_tokens, progress=None):
     return records, time.time() - started
 
 
+def sessions(records):
+    """Each session's turns, in the order they began."""
+    by_session = {}
+    for r in sorted(records, key=lambda r: r.start):
+        by_session.setdefault(r.session, []).append(r)
+    return by_session
+
+
 def later_turns(records, moments=()):
     """Turns 2.. that succeeded, split into (outside, inside) the failover
     window: inside when a moment falls after the session's previous turn
     began and before this one ended (a request retried elsewhere after its
     replica died is inside)."""
-    by_session = {}
-    for r in sorted(records, key=lambda r: r.start):
-        by_session.setdefault(r.session, []).append(r)
     outside, inside = [], []
-    for turns in by_session.values():
+    for turns in sessions(records).values():
         for prev, cur in zip(turns, turns[1:]):
             if cur.ok:
                 hit = any(prev.start < m <= cur.end for m in moments)
@@ -337,13 +342,25 @@ def main():
     ports = [free_port() for _ in range(3)]
     replicas = [Replica(args, i + 1, p, work, threads=1, parallel=args.parallel) for i, p in enumerate(ports)]
     nginxes = []
-    try:
-        for r in replicas:
+
+    def up(group):
+        """Starts `group`'s replicas and puts a fresh nginx before them."""
+        for r in group:
             r.start()
-        for r in replicas:
+        for r in group:
             r.wait_ready()
-        lb = Nginx(args.conf, work, ports, free_port())
+        lb = Nginx(args.conf, work, [r.port for r in group], free_port())
         nginxes.append(lb)
+        return lb
+
+    def down(lb, group):
+        lb.stop()
+        nginxes.remove(lb)
+        for r in group:
+            r.stop()
+
+    try:
+        lb = up(replicas)
         total = args.agents * args.turns
         report = {"machine": os.uname().nodename, "cpus": os.cpu_count(),
                   "date": time.strftime("%Y-%m-%d"), "agents": args.agents,
@@ -399,9 +416,7 @@ def main():
         fault_thread.join()
 
         kill = events["kill"]
-        by_session = {}
-        for r in sorted(records, key=lambda r: r.start):
-            by_session.setdefault(r.session, []).append(r)
+        by_session = sessions(records)
         failed = [r for r in records if not r.ok]
         excused, unexcused = [], []
         for r in failed:
@@ -457,32 +472,18 @@ def main():
         # a fresh nginx: the first one still counts phase 1's failures
         # against r2 and the drained replica, and would move sessions when
         # it took them back.
-        lb.stop()
-        nginxes.remove(lb)
-        for r in replicas:
-            r.stop()
-        for r in replicas:
-            r.start()
-        for r in replicas:
-            r.wait_ready()
-        lb = Nginx(args.conf, work, ports, free_port())
-        nginxes.append(lb)
+        down(lb, replicas)
+        lb = up(replicas)
         records, wall = run_agents(lb.port, "three", args.agents, args.turns, args.max_tokens)
         report["three_replicas"] = {**throughput(records, wall), "threads_each": 1,
                                     "cache_hit": share(later_turns(records)[0], half_cached)}
         print("cluster-check: 3 replicas:", report["three_replicas"], flush=True)
-        for r in replicas:
-            r.stop()
-        lb.stop()
-        nginxes.remove(lb)
+        down(lb, replicas)
 
         single = Replica(args, 1, ports[0], work, threads=2, parallel=args.parallel)
         replicas.append(single)
-        single.start()
-        single.wait_ready()
-        lb1 = Nginx(args.conf, work, ports[:1], free_port())
-        nginxes.append(lb1)
-        records, wall = run_agents(lb1.port, "one", args.agents, args.turns, args.max_tokens)
+        lb = up([single])
+        records, wall = run_agents(lb.port, "one", args.agents, args.turns, args.max_tokens)
         report["one_replica"] = {**throughput(records, wall), "threads": 2,
                                  "cache_hit": share(later_turns(records)[0], half_cached)}
         print("cluster-check: 1 replica: ", report["one_replica"], flush=True)
