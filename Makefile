@@ -19,7 +19,7 @@ CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test fuzz soak cluster-check setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
+.PHONY: demo test cuda fuzz soak cluster-check setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -31,6 +31,11 @@ test: setup models clients
 	$(CARGO) clippy --release --locked $(TEST_FEATURES) --all-targets -- -D warnings
 	$(CARGO) test --release --locked $(TEST_FEATURES)
 	$(CARGO) run --release --locked $(TEST_FEATURES) --example prefix_experiment
+
+## cuda: the GPU build, made here without a GPU: tofy --features cuda (CUDA_ARCHS, default 90-real),
+##       its tests, the llama-bench/llama-server peers, and target/cuda/tofy-cuda.tar.xz (docs/gpu.md)
+cuda: setup models
+	scripts/build-cuda.sh
 
 ## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 60); installs nightly + cargo-fuzz; not in CI
 fuzz: setup

@@ -448,3 +448,87 @@ fn a_model_without_vocab_and_prompt_is_an_error() {
     let e = fails(tofy(&["condition", "model_world_x.safetensors"]));
     assert!(e.contains("no vocab_world.txt follows it"), "{e}");
 }
+
+/// `tofy bench-world`, what the GPU check runs on each device: one timing line per batch
+/// size, and a dump whose vectors are the reference's whichever batch computed them.
+#[test]
+fn bench_world_times_each_batch_size_and_dumps_the_reference_vectors() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    // One prompt per line: the reference's multi-line prompt cannot be written so.
+    let cases: Vec<&serde_json::Value> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["prompt"].as_str().unwrap().contains('\n'))
+        .collect();
+    assert_eq!(cases.len(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    let text: Vec<&str> = cases
+        .iter()
+        .map(|c| c["prompt"].as_str().unwrap())
+        .collect();
+    std::fs::write(&prompts, text.join("\n")).unwrap();
+    let dump = dir.path().join("dump.json");
+    let (model, vocab) = (fixture_model(), fixture_vocab());
+    let mut args = vec!["bench-world", &model, &vocab];
+    args.extend(SIZES);
+    let (prompts, dump_arg) = (prompts.display().to_string(), dump.display().to_string());
+    args.extend([
+        "--device",
+        "cpu",
+        "--batch",
+        "1,3",
+        "--iters",
+        "2",
+        "--prompts",
+        &prompts,
+        "--dump",
+        &dump_arg,
+    ]);
+    let out = tofy(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per batch size");
+    for (line, batch) in lines.iter().zip([1, 3]) {
+        assert_eq!(line["batch"], batch);
+        assert_eq!(line["iters"], 2);
+        assert!(line["device"].as_str().unwrap().starts_with("cpu"));
+        let (p10, median, p90) = (
+            line["p10_ms"].as_f64().unwrap(),
+            line["median_ms"].as_f64().unwrap(),
+            line["p90_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p10 && p10 <= median && median <= p90, "{line}");
+    }
+    let dumped: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dump).unwrap()).unwrap();
+    let runs = dumped["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let got = run["prompts"].as_array().unwrap();
+        assert_eq!(got.len(), cases.len());
+        for (p, case) in got.iter().zip(&cases) {
+            assert_eq!(p["ids"].as_array().unwrap().len(), case["tokens"]);
+            let vector: Vec<f32> = serde_json::from_value(p["conditioning"].clone()).unwrap();
+            let want: Vec<f64> = serde_json::from_value(case["conditioning"].clone()).unwrap();
+            assert!(common::max_relative_error(&vector, &want) <= 1e-5);
+            assert_eq!(p["state"].as_array().unwrap().len(), 48);
+        }
+    }
+
+    // Bad input: one line.
+    let line = fails(tofy(&["bench-world", "--batch", "33"]));
+    assert!(line.contains("33 is not in 1..=32"), "{line}");
+}

@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::decoder_args::DecoderArgs;
-use super::{WorldSizeArgs, WorldSpec, split_world};
+use super::{DeviceArgs, WorldSizeArgs, WorldSpec, split_world};
 use crate::conditioning::CondMode;
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, BackendKind, DecoderConfig, FinishReason, discovery};
@@ -27,6 +27,8 @@ pub struct InferArgs {
     inputs: Vec<String>,
     #[command(flatten)]
     sizes: WorldSizeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Replace the conditioning vector with zeros (to see what it changes).
     #[arg(long)]
     ablate_conditioning: bool,
@@ -49,6 +51,8 @@ pub struct DoctorArgs {
     /// `[MODEL VOCAB]`: a world model to check instead of the embedded default.
     #[arg(value_name = "MODEL VOCAB", num_args = 0..=2)]
     world: Vec<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     decoder: DecoderArgs,
 }
@@ -115,25 +119,33 @@ pub(crate) fn merge(flags: WorldOverrides, positional: WorldOverrides) -> WorldO
     }
 }
 
-/// An ignored NGL, the stub's advice.
-pub(crate) fn print_notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) {
-    for notice in notices(decoder, config) {
+/// An ignored NGL, a world model on the CPU, the stub's advice.
+pub(crate) fn print_notices(engine: &Engine, config: &DecoderConfig) {
+    for notice in notices(engine, config) {
         eprintln!("{notice}");
     }
 }
 
-/// What a user should know about the decoder that was opened: an NGL this
-/// build ignores, the stub standing in for a model.
-pub(crate) fn notices(decoder: &dyn decoder::Decoder, config: &DecoderConfig) -> Vec<String> {
+/// What a user should know about the engine that was opened: an NGL this
+/// build or machine ignores, a world model that fell back to the CPU (one
+/// line when both have the same cause), the stub standing in for a model.
+pub(crate) fn notices(engine: &Engine, config: &DecoderConfig) -> Vec<String> {
+    let decoder = engine.decoder();
     let mut out = Vec::new();
-    if decoder.backend() == BackendKind::Llama
+    let ngl_ignored = decoder.backend() == BackendKind::Llama
         && config.ngl > 0
-        && !decoder::llama::gpu_offload_supported()
-    {
-        out.push(format!(
+        && !decoder::llama::gpu_offload_supported();
+    match (ngl_ignored, engine.world().cpu_fallback()) {
+        (true, Some(why)) => out.push(format!(
+            "note: no usable GPU ({why}): JEPA_DECODER_NGL={} ignored; llama.cpp and the world model run on the CPU",
+            config.ngl
+        )),
+        (true, None) => out.push(format!(
             "note: JEPA_DECODER_NGL={} ignored: llama.cpp found no GPU and no RPC server (CPU only)",
             config.ngl
-        ));
+        )),
+        (false, Some(_)) => out.extend(super::world_notice(engine.world())),
+        (false, None) => {}
     }
     if decoder.backend() == BackendKind::Stub {
         out.push(decoder::STUB_ADVICE.to_string());
@@ -150,6 +162,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let pos = positional(rest)?;
     let options = LoadOptions {
         overrides: merge(args.sizes.into(), pos.overrides),
+        device: args.device.device,
         ..Default::default()
     };
     let world = spec.load(&options)?;
@@ -159,7 +172,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let engine = Engine::new(world, decoder, args.decoder.cond_settings(), projector)?
         .with_control(args.decoder.control()?)?;
     // Only once the engine stands: an error is then the one line printed.
-    print_notices(engine.decoder(), &config);
+    print_notices(&engine, &config);
     let request = AgentRequest {
         prompt: pos.prompt.to_string(),
         max_new_tokens: args
@@ -287,8 +300,17 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         [] => WorldSpec::Default,
         _ => anyhow::bail!("doctor takes a world model and its vocab, or nothing"),
     };
-    match spec.load(&LoadOptions::default()) {
-        Ok(world) => writeln!(out, "world model:   {}", describe_world(&world))?,
+    let options = LoadOptions {
+        device: args.device.device,
+        ..Default::default()
+    };
+    match spec.load(&options) {
+        Ok(world) => {
+            writeln!(out, "world model:   {}", describe_world(&world))?;
+            if let Some(why) = world.cpu_fallback() {
+                writeln!(out, "               on the CPU: {why}")?;
+            }
+        }
         Err(err) => {
             writeln!(out, "world model:   cannot load: {err:#}")?;
             fixes.push("pass a valid model_world_*.safetensors and its vocab_world.txt, or none for the embedded default".to_string());
@@ -374,6 +396,9 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         " (ignored: CPU only)"
     };
     writeln!(out, "GPU layers:    {}{ngl_note}", config.ngl)?;
+    for line in gpu_report() {
+        writeln!(out, "{line}")?;
+    }
     writeln!(
         out,
         "threads:       {} (physical cores: {})",
@@ -441,9 +466,42 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
 
 fn describe_world(world: &WorldModel) -> String {
     format!(
-        "{} ({}; {} backend)",
+        "{} ({}; on {})",
         world.model_path().display(),
         world.config().summary(),
-        world.backend_name()
+        world.device_description()
     )
+}
+
+/// The doctor's GPU lines: the GPU and driver, llama.cpp's CUDA module, the
+/// devices llama.cpp registered, NVRTC.
+#[cfg(feature = "cuda")]
+fn gpu_report() -> Vec<String> {
+    use crate::decoder::llama::modules;
+    use crate::world::cuda;
+    let gpu = match cuda::probe(0) {
+        Ok(info) => info.to_string(),
+        Err(why) => format!("none usable: {why}"),
+    };
+    let module = match modules::cuda_module() {
+        Ok(path) => format!("libggml-cuda.so loads ({})", path.display()),
+        Err(why) => format!("libggml-cuda.so does not load: {why}"),
+    };
+    let nvrtc = match cuda::compile::nvrtc_version() {
+        Ok((major, minor)) => format!("{major}.{minor}"),
+        Err(why) => why,
+    };
+    vec![
+        format!("GPU:           {gpu}"),
+        format!("llama.cpp CUDA: {module}"),
+        format!("ggml devices:  {}", modules::devices().join(", ")),
+        format!("NVRTC:         {nvrtc}"),
+    ]
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_report() -> Vec<String> {
+    vec![
+        "GPU:           not built in (for NVIDIA GPUs, build with `make cuda`: docs/gpu.md)".into(),
+    ]
 }

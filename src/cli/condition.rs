@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use super::WorldSizeArgs;
+use super::{DeviceArgs, WorldSizeArgs};
 use crate::conditioning::Summary;
 use crate::world::{Conditioned, LoadOptions};
 
@@ -20,6 +20,8 @@ pub struct ConditionArgs {
     inputs: Vec<String>,
     #[command(flatten)]
     sizes: WorldSizeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Replace each conditioning vector with zeros of the same length.
     #[arg(long)]
     ablate_conditioning: bool,
@@ -45,9 +47,13 @@ pub fn run(args: ConditionArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         overrides: args.sizes.into(),
         threads: args.threads.map(|t| t as usize),
+        device: args.device.device,
         ..Default::default()
     };
     let (model, prompts) = super::world_and_rest(&args.inputs, &options)?;
+    if let Some(notice) = super::world_notice(&model) {
+        eprintln!("{notice}");
+    }
     let results = if args.ablate_conditioning {
         model.ablated(prompts)?
     } else {

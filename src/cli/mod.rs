@@ -2,6 +2,7 @@
 //! configs, and the output formats. `main` only calls [`run`].
 
 mod agent;
+mod bench_world;
 mod condition;
 mod decoder_args;
 mod eval_conditioning;
@@ -19,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 
 use anyhow::Context;
 
-use crate::world::{LoadOptions, WorldModel, WorldOverrides};
+use crate::world::{Device, LoadOptions, WorldModel, WorldOverrides};
 
 /// Tofy: a world model that reads a prompt and steers a local LLM's reply.
 #[derive(Debug, Parser)]
@@ -39,6 +40,8 @@ enum Command {
     TrainWorld(train::TrainArgs),
     /// Score a world model on held-out pairs against copy/mean baselines.
     EvalWorld(train::EvalArgs),
+    /// Time the world model's forward pass per batch size on a device (and dump its outputs).
+    BenchWorld(bench_world::BenchWorldArgs),
     /// Condition a local LLM on the world model and stream its reply.
     InferAgent(agent::InferArgs),
     /// Show which world model, GGUF, backend, threads and GPU layers would be used.
@@ -80,6 +83,23 @@ impl WorldArgs {
                 .context("loading the embedded default world model")?,
         })
     }
+}
+
+/// `--device`: where the world model runs.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct DeviceArgs {
+    /// Where the world model runs: cpu, cuda or cuda:N [default: cuda when a GPU is usable
+    /// (builds with the cuda feature), else cpu].
+    #[arg(long, env = "TOFY_DEVICE", value_name = "DEVICE", default_value_t = Device::Auto, hide_default_value = true)]
+    pub device: Device,
+}
+
+/// The notice for a world model that an automatic device choice put on the
+/// CPU in a build with CUDA (printed by commands without a decoder).
+pub(crate) fn world_notice(world: &WorldModel) -> Option<String> {
+    world
+        .cpu_fallback()
+        .map(|why| format!("note: the world model runs on the CPU: {why}"))
 }
 
 /// World-model sizes. The checkpoint's tensor shapes give dim, layers and
@@ -152,6 +172,7 @@ where
         Command::PrepareChitchat(args) => train::prepare(args),
         Command::TrainWorld(args) => train::train(args),
         Command::EvalWorld(args) => train::evaluate(args),
+        Command::BenchWorld(args) => bench_world::run(args),
     }
 }
 

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::agent::{merge, notices, positive};
 use super::decoder_args::DecoderArgs;
-use super::{WorldSizeArgs, split_world};
+use super::{DeviceArgs, WorldSizeArgs, split_world};
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, DecoderConfig};
 use crate::engine::Engine;
@@ -29,6 +29,8 @@ pub struct ServeArgs {
     inputs: Vec<String>,
     #[command(flatten)]
     sizes: WorldSizeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Sequences decoded together in one llama.cpp context (each gets --ctx tokens).
     #[arg(long, env = "TOFY_PARALLEL", default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -154,6 +156,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let options = LoadOptions {
         overrides: merge(args.sizes.into(), positional),
+        device: args.device.device,
         ..Default::default()
     };
     let world = spec.load(&options)?;
@@ -208,7 +211,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let load = move || {
         let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?
             .with_control(control)?;
-        for notice in notices(engine.decoder(), &config) {
+        for notice in notices(&engine, &config) {
             tracing::warn!("{notice}");
         }
         Ok(engine)

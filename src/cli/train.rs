@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::WorldSizeArgs;
+use super::{DeviceArgs, WorldSizeArgs};
 use crate::data::{chitchat, pairs};
 use crate::eval::{self, EvalReport};
 use crate::world::{LoadOptions, WorldModel};
@@ -168,6 +168,8 @@ pub struct EvalArgs {
     pairs: PathBuf,
     #[command(flatten)]
     sizes: WorldSizeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// EMA teacher that encodes the next turns, as in training
     /// [default: <model>_teacher.safetensors beside the model, if present].
     #[arg(long, value_name = "PATH")]
@@ -186,9 +188,13 @@ pub struct EvalArgs {
 pub fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         overrides: args.sizes.into(),
+        device: args.device.device,
         ..Default::default()
     };
     let model = WorldModel::load(&args.model, &args.vocab, &options)?;
+    if let Some(notice) = super::world_notice(&model) {
+        eprintln!("{notice}");
+    }
     let beside = teacher_beside(&args.model).filter(|p| p.exists());
     let teacher_path = if args.no_teacher {
         None

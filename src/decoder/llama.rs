@@ -27,6 +27,8 @@
 //! job (batched, prefix reuse included).
 
 pub mod ffi;
+#[cfg(feature = "cuda")]
+pub mod modules;
 pub mod rpc;
 mod sample;
 
@@ -64,16 +66,31 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 pub fn backend() -> Result<&'static LlamaBackend, DecoderError> {
     BACKEND
         .get_or_init(|| {
-            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
             // llama.cpp logs every tensor it loads to stderr; keep the CLI's
             // output readable unless someone asks for the logs.
             if std::env::var_os("TOFY_LLAMA_LOG").is_none() {
-                backend.void_logs();
+                silence_logs();
             }
-            Ok(backend)
+            // The `cuda` build's backends are modules: none is there until loaded.
+            #[cfg(feature = "cuda")]
+            modules::load().map_err(|e| e.to_string())?;
+            LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| DecoderError::Backend(e.clone()))
+}
+
+/// Drops llama.cpp's (and ggml's) log lines from here on. Set before the
+/// backend modules load, which log each file they open.
+fn silence_logs() {
+    unsafe extern "C" fn drop_line(
+        _level: llama_cpp_sys_2::ggml_log_level,
+        _text: *const std::ffi::c_char,
+        _user_data: *mut std::ffi::c_void,
+    ) {
+    }
+    // SAFETY: installs a callback that ignores its arguments.
+    unsafe { llama_cpp_sys_2::llama_log_set(Some(drop_line), std::ptr::null_mut()) };
 }
 
 /// Whether `--ngl` layers have somewhere to go: a GPU, or a registered RPC

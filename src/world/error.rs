@@ -95,6 +95,10 @@ pub enum WorldError {
         rows: usize,
     },
 
+    /// The GPU backend could not start or run (`--device cuda`).
+    #[error("CUDA: {message}")]
+    Cuda { message: String },
+
     /// A prompt contains no tokens at all.
     #[error("prompt {index} is empty or whitespace-only: there is nothing to condition on")]
     EmptyPrompt { index: usize },

@@ -3,13 +3,16 @@
 //!
 //! [`WorldModel`] is the entry point: it loads a checkpoint and its vocab,
 //! resolves the sizes ([`config`]), tokenizes ([`tokenizer`]) and hands the
-//! ids to a [`WorldBackend`] ([`cpu`] today; a CUDA backend plugs in behind
-//! the same trait).
+//! ids to a [`WorldBackend`]: [`cpu`], or `cuda` in a build with the `cuda`
+//! feature, chosen by [`Device`] ([`device`]).
 
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod default;
+pub mod device;
 mod error;
 pub mod tokenizer;
 pub mod vocab;
@@ -20,18 +23,27 @@ use ndarray::{Array2, ArrayView2};
 
 pub use checkpoint::Checkpoint;
 pub use config::{WorldConfig, WorldOverrides};
+pub use device::Device;
 pub use error::{Result, WorldError};
 pub use tokenizer::{Encoded, encode, tokenize};
 pub use vocab::Vocab;
 
 /// Prompts per forward call: bounds activation memory (about
 /// `max_seq · 4·dim · 4 bytes` per prompt and layer) for large batches.
-const MAX_BATCH: usize = 32;
+pub(crate) const MAX_BATCH: usize = 32;
+/// The most prompts one backend forward pass takes ([`WorldModel::forward`]
+/// splits larger batches).
+pub const MAX_FORWARD_BATCH: usize = MAX_BATCH;
 
 /// A compute backend for the forward pass, chosen once at load time.
 pub trait WorldBackend: Send + Sync {
-    /// Short name for logs ("cpu").
+    /// Short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
+
+    /// The device in words, for `tofy doctor` and logs.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
 
     /// The forward pass for prompts already mapped to ids; each holds
     /// between 1 and max_seq ids.
@@ -62,6 +74,8 @@ pub struct LoadOptions {
     /// Accept a training-only EMA teacher checkpoint (eval-world encodes
     /// targets with it); refused otherwise, as it is not what users mean.
     pub allow_teacher: bool,
+    /// Where to run ([`Device::Auto`]: the GPU when there is one).
+    pub device: Device,
 }
 
 /// One prompt's conditioning.
@@ -80,6 +94,8 @@ pub struct WorldModel {
     config: WorldConfig,
     vocab: Vocab,
     backend: Box<dyn WorldBackend>,
+    /// Why [`Device::Auto`] settled for the CPU in a build with CUDA.
+    cpu_fallback: Option<String>,
     model_path: PathBuf,
 }
 
@@ -156,12 +172,12 @@ impl WorldModel {
                 rows: config.vocab_size,
             });
         }
-        let threads = options.threads.unwrap_or_else(default_threads);
-        let backend = Box::new(cpu::CpuBackend::load(&ckpt, &config, threads)?);
+        let (backend, cpu_fallback) = load_backend(&ckpt, &config, options)?;
         Ok(Self {
             config,
             vocab,
             backend,
+            cpu_fallback,
             model_path: ckpt.path().to_path_buf(),
         })
     }
@@ -176,9 +192,20 @@ impl WorldModel {
         &self.vocab
     }
 
-    /// The backend's name ("cpu").
+    /// The backend's name ("cpu", "cuda").
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// The device the forward pass runs on, in words.
+    pub fn device_description(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Why the world model runs on the CPU although this build has CUDA and
+    /// no device was named (no driver, no GPU, ...); `None` otherwise.
+    pub fn cpu_fallback(&self) -> Option<&str> {
+        self.cpu_fallback.as_deref()
     }
 
     /// The checkpoint file the weights came from.
@@ -277,6 +304,40 @@ impl WorldModel {
                 vector: vec![0.0; self.config.bridge_dim],
             })
             .collect())
+    }
+}
+
+/// The backend `options.device` asks for, and why an automatic choice fell
+/// back to the CPU.
+fn load_backend(
+    ckpt: &Checkpoint,
+    config: &WorldConfig,
+    options: &LoadOptions,
+) -> Result<(Box<dyn WorldBackend>, Option<String>)> {
+    let cpu = || -> Result<Box<dyn WorldBackend>> {
+        let threads = options.threads.unwrap_or_else(default_threads);
+        Ok(Box::new(cpu::CpuBackend::load(ckpt, config, threads)?))
+    };
+    match options.device {
+        Device::Cpu => Ok((cpu()?, None)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => Ok((
+            Box::new(cuda::CudaBackend::load(ckpt, config, ordinal)?),
+            None,
+        )),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(WorldError::Cuda {
+            message: device::NOT_BUILT.to_string(),
+        }),
+        #[cfg(feature = "cuda")]
+        Device::Auto => match cuda::CudaBackend::load(ckpt, config, 0) {
+            Ok(gpu) => Ok((Box::new(gpu), None)),
+            // Only a GPU problem falls back; a faulty checkpoint is an error anywhere.
+            Err(err @ WorldError::Cuda { .. }) => Ok((cpu()?, Some(err.to_string()))),
+            Err(err) => Err(err),
+        },
+        #[cfg(not(feature = "cuda"))]
+        Device::Auto => Ok((cpu()?, None)),
     }
 }
 

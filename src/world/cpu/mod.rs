@@ -63,6 +63,10 @@ impl WorldBackend for CpuBackend {
         "cpu"
     }
 
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", self.threads())
+    }
+
     fn forward(&self, batch: &[&[u32]]) -> Result<WorldOutputs> {
         Ok(self.pool.install(|| self.model.forward(batch)))
     }
@@ -206,7 +210,7 @@ impl Encoder {
 }
 
 /// PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(same), in f64.
-fn sinusoidal_positions(max_seq: usize, dim: usize) -> Array2<f32> {
+pub(crate) fn sinusoidal_positions(max_seq: usize, dim: usize) -> Array2<f32> {
     Array2::from_shape_fn((max_seq, dim), |(pos, j)| {
         let even = (j - j % 2) as f64;
         let angle = pos as f64 / 10000f64.powf(even / dim as f64);
