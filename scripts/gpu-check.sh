@@ -19,7 +19,8 @@
 #   5. tofy serve vs llama-server, all layers offloaded, 1/8/32 streams: aggregate tok/s, TTFT.
 # A check that fails is recorded and the next one runs. Exit status 1 if any check failed.
 # GPU_CHECK_PARTS="2 4" runs only those checks; GPU_CHECK_STREAMS (default 1,8,32) and
-# GPU_CHECK_MAX_TOKENS (128) shape check 5, for a dry run on a CPU.
+# GPU_CHECK_MAX_TOKENS (128) shape check 5, and GPU_CHECK_DEVICE (cuda) the device of check 1's
+# "cuda" runs, for a dry run on a CPU.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 final=${OUT:-$PWD/gpu-check-out}
@@ -97,7 +98,8 @@ say "1. world model: CUDA vs CPU vs PyTorch"
 for name in fixture default seed-size; do
     # shellcheck disable=SC2086
     set -- ${world_args[$name]}
-    for run in cpu:cpu cuda:cuda cuda-eager:cuda; do
+    gpu=${GPU_CHECK_DEVICE:-cuda}
+    for run in cpu:cpu "cuda:$gpu" "cuda-eager:$gpu"; do
         label=${run%%:*}
         graphs=1; [ "$label" = cuda-eager ] && graphs=0
         TOFY_CUDA_GRAPHS=$graphs "$tofy" bench-world "$@" --device "${run#*:}" --batch 1,7,32 --iters 3 \
