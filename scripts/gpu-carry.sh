@@ -24,8 +24,11 @@ split -b "$piece" -d "$gguf" "$stage/gguf."
 mib() { echo "$(($1 / 1048576)) MiB"; }
 for f in "$stage"/*; do
     size=$(stat -c %s "$f")
-    echo "$f: $(mib "$size"), with the tracked files $(mib $((size + tracked))) of 64"
-    [ $((size + tracked)) -le $limit ] || echo "  over the limit: split it further" >&2
+    echo "$f: $(mib "$size"), with the repository's files $(mib $((size + tracked))) of 64"
+    if [ $((size + tracked)) -gt $limit ]; then
+        echo "gpu-carry: $f does not fit in one device call: make the archive smaller (fewer CUDA_ARCHS) or the repository lighter" >&2
+        exit 1
+    fi
 done
 name=$(basename "$gguf")
 pieces=("$stage"/gguf.*)

@@ -36,6 +36,9 @@ start=$(date +%s)
 failed=0
 
 say() { echo "== $* ($(($(date +%s) - start)) s)" | tee -a "$final/progress.log"; }
+# t CMD...: CMD with a time limit, so that one hang cannot eat the device call (which would
+# lose the summary and the logs). 180 s is far above any single step on an H100/H200.
+t() { timeout 180 "$@"; }
 # part N: whether check N is to run (GPU_CHECK_PARTS, default all: "1 2 3 4 5").
 part() { [[ " ${GPU_CHECK_PARTS:-1 2 3 4 5} " == *" $1 "* ]]; }
 # row CHECK RESULT FIGURES: one line of the summary.
@@ -102,33 +105,44 @@ for name in fixture default seed-size; do
     for run in cpu:cpu "cuda:$gpu" "cuda-eager:$gpu"; do
         label=${run%%:*}
         graphs=1; [ "$label" = cuda-eager ] && graphs=0
-        TOFY_CUDA_GRAPHS=$graphs "$tofy" bench-world "$@" --device "${run#*:}" --batch 1,7,32 --iters 3 \
+        TOFY_CUDA_GRAPHS=$graphs t "$tofy" bench-world "$@" --device "${run#*:}" --batch 1,7,32 --iters 3 \
             --dump "$out/world-$name-$label.json" >>"$out/world-parity.log" 2>&1 ||
             row "world $name on $label" FAIL "bench-world failed: $(tail -1 "$out/world-parity.log")"
     done
+    # A comparison that cannot finish (a dump missing, or cut short) is a failure, and so is
+    # a batch size without its row: the summary below judges only complete sets.
     for label in cuda cuda-eager; do
-        python3 "$ref" compare "$out/world-$name-$label.json" "$out/world-$name-cpu.json" \
-            >"$out/world-$name-$label-vs-cpu.jsonl" 2>>"$out/world-parity.log"
+        t python3 "$ref" compare "$out/world-$name-$label.json" "$out/world-$name-cpu.json" \
+            >"$out/world-$name-$label-vs-cpu.jsonl" 2>>"$out/world-parity.log" ||
+            row "world $name, $label vs cpu" FAIL "compare failed: $(tail -1 "$out/world-parity.log")"
     done
     # shellcheck disable=SC2086
-    python3 "$ref" parity ${ref_args[$name]} "$out/world-$name-cpu.json" "$out/world-$name-cuda.json" \
-        >"$out/world-$name-vs-torch.jsonl" 2>>"$out/world-parity.log"
+    t python3 "$ref" parity ${ref_args[$name]} "$out/world-$name-cpu.json" "$out/world-$name-cuda.json" \
+        >"$out/world-$name-vs-torch.jsonl" 2>>"$out/world-parity.log" ||
+        row "world $name vs torch" FAIL "parity failed: $(tail -1 "$out/world-parity.log")"
     python3 - "$name" "$out" >>"$final/summary.md" <<'EOF'
-import json, sys
+import json, math, sys
 name, out = sys.argv[1], sys.argv[2]
-def worst(path):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
-    return max((max(r["conditioning"], r["state"], r["next"]), r["batch"]) for r in rows) if rows else (float("inf"), 0)
+def rows_of(path):
+    try:
+        return [json.loads(l) for l in open(path) if l.strip()]
+    except OSError:
+        return []
+def err_of(r):
+    e = max(r["conditioning"], r["state"], r["next"])
+    return e if math.isfinite(e) else float("inf")
 figures, ok = [], True
 for label in ("cuda", "cuda-eager"):
-    err, b = worst(f"{out}/world-{name}-{label}-vs-cpu.jsonl")
+    rows = rows_of(f"{out}/world-{name}-{label}-vs-cpu.jsonl")
+    err, b = max(((err_of(r), r["batch"]) for r in rows), default=(float("inf"), 0))
     figures.append(f"{label} vs cpu {err:.2e} (worst at batch {b})")
-    ok &= err <= 1e-4
-rows = [json.loads(l) for l in open(f"{out}/world-{name}-vs-torch.jsonl") if l.strip()]
+    ok &= sorted(r["batch"] for r in rows) == [1, 7, 32] and err <= 1e-4
+rows = rows_of(f"{out}/world-{name}-vs-torch.jsonl")
 for dev in ("cpu", "cuda"):
-    errs = [max(r["conditioning"], r["state"], r["next"]) for r in rows if ("-" + dev + ".json") in r["dump"]]
-    figures.append(f"{dev} vs torch f64 {max(errs or [float('inf')]):.2e}")
-    ok &= bool(errs) and max(errs) <= 1e-4
+    mine = [r for r in rows if ("-" + dev + ".json") in r["dump"]]
+    err = max((err_of(r) for r in mine), default=float("inf"))
+    figures.append(f"{dev} vs torch f64 {err:.2e}")
+    ok &= sorted(r["batch"] for r in mine) == [1, 7, 32] and err <= 1e-4
 print(f"| world parity, {name}, batch 1/7/32 | {'PASS' if ok else 'FAIL'} | {'; '.join(figures)} |")
 EOF
 done
@@ -143,7 +157,7 @@ prompt="write a short gpu recommendation"
 agent() { # label env...
     local label=$1; shift
     env "$@" JEPA_DECODER_MODEL="$gguf" JEPA_DECODER_TEMP=0 TOFY_LLAMA_LOG=1 \
-        "$tofy" infer-agent "$prompt" --max-new-tokens 32 --json >"$out/agent-$label.json" 2>"$out/agent-$label.log"
+        timeout 180 "$tofy" infer-agent "$prompt" --max-new-tokens 32 --json >"$out/agent-$label.json" 2>"$out/agent-$label.log"
 }
 agent gpu JEPA_DECODER_NGL=99
 agent cpu JEPA_DECODER_NGL=0 CUDA_VISIBLE_DEVICES= TOFY_DEVICE=cpu
@@ -175,18 +189,25 @@ say "3. world-model latency vs PyTorch"
 for name in default seed-size; do
     # shellcheck disable=SC2086
     set -- ${world_args[$name]}
-    "$tofy" bench-world "$@" --device cuda --batch 1,32 --iters 500 >"$out/latency-$name-tofy.jsonl" 2>>"$out/latency.log"
+    t "$tofy" bench-world "$@" --device cuda --batch 1,32 --iters 500 >"$out/latency-$name-tofy.jsonl" 2>>"$out/latency.log"
     # shellcheck disable=SC2086
-    python3 "$ref" bench ${ref_args[$name]} --batch 1,32 --iters 500 >"$out/latency-$name-torch.jsonl" 2>>"$out/latency.log"
+    t python3 "$ref" bench ${ref_args[$name]} --batch 1,32 --iters 500 >"$out/latency-$name-torch.jsonl" 2>>"$out/latency.log"
     python3 - "$name" "$out" >>"$final/summary.md" <<'EOF'
 import json, sys
 name, out = sys.argv[1], sys.argv[2]
-ours = {r["batch"]: r for r in map(json.loads, open(f"{out}/latency-{name}-tofy.jsonl"))}
-peer = {}
-for r in map(json.loads, open(f"{out}/latency-{name}-torch.jsonl")):
-    peer[(r["batch"], r["peer"].split()[-1])] = r
-for b in sorted(ours):
-    t, e, g = ours[b]["median_ms"], peer[(b, "eager")]["median_ms"], peer[(b, "cuda-graph")]["median_ms"]
+def rows_of(path):
+    try:
+        return [json.loads(l) for l in open(path) if l.strip()]
+    except OSError:
+        return []
+ours = {r["batch"]: r for r in rows_of(f"{out}/latency-{name}-tofy.jsonl")}
+peer = {(r["batch"], r["peer"].split()[-1]): r for r in rows_of(f"{out}/latency-{name}-torch.jsonl")}
+for b in (1, 32):
+    try:
+        t, e, g = ours[b]["median_ms"], peer[(b, "eager")]["median_ms"], peer[(b, "cuda-graph")]["median_ms"]
+    except KeyError as missing:
+        print(f"| world latency, {name}, batch {b} | FAIL | no figure for {missing} (see latency.log) |")
+        continue
     ok = t <= 0.5 * e and t <= g
     print(f"| world latency, {name}, batch {b} | {'PASS' if ok else 'MISS'} | tofy {t:.3f} ms; torch eager {e:.3f} ms "
           f"({t / e:.2f}x, target <= 0.5x); torch CUDA graph {g:.3f} ms ({t / g:.2f}x, target <= 1.0x) |")
@@ -199,9 +220,9 @@ if part 4; then
 say "4. decode tok/s vs llama-bench"
 long="Write a long story about a lighthouse keeper who finds a message in a bottle."
 for round in 1 2 3; do
-    JEPA_DECODER_MODEL=$gguf JEPA_DECODER_NGL=99 JEPA_DECODER_TEMP=0 "$tofy" infer-agent "$long" \
+    JEPA_DECODER_MODEL=$gguf JEPA_DECODER_NGL=99 JEPA_DECODER_TEMP=0 t "$tofy" infer-agent "$long" \
         --max-new-tokens 256 --json >"$out/decode-tofy-$round.json" 2>>"$out/decode.log"
-    "$peers/llama-bench" -m "$gguf" -ngl 99 -p 0 -n 128 -r 3 -o json >"$out/decode-llama-bench-$round.json" 2>>"$out/decode.log"
+    t "$peers/llama-bench" -m "$gguf" -ngl 99 -p 0 -n 128 -r 3 -o json >"$out/decode-llama-bench-$round.json" 2>>"$out/decode.log"
 done
 python3 - "$out" >>"$final/summary.md" <<'EOF'
 import json, statistics, sys
@@ -257,8 +278,8 @@ for server in tofy llama; do
         for mode in chat same; do
             extra=()
             [ "$mode" = same ] && extra=(--raw-system "$system")
-            python3 "$root/scripts/bench-server.py" --base-url "http://127.0.0.1:$port" \
-                --concurrency "$streams" --requests-per-stream 2 \
+            t python3 "$root/scripts/bench-server.py" --base-url "http://127.0.0.1:$port" \
+                --concurrency "$streams" --requests-per-stream 2 --timeout 60 \
                 --max-tokens "${GPU_CHECK_MAX_TOKENS:-128}" --label "$server $mode" \
                 --out "$out/serve.jsonl" "${extra[@]}" >>"$out/serve.log" 2>&1
         done
@@ -279,6 +300,10 @@ for mode, name in (("same", "same tokens"), ("chat", "chat")):
         a, b = rows.get((f"tofy {mode}", c)), rows.get((f"llama {mode}", c))
         if not a or not b:
             print(f"| serve ({name}), {c} streams | FAIL | missing: {'tofy' if not a else 'llama-server'} (see serve.log) |"); continue
+        broken = [who for who, r in (("tofy", a), ("llama-server", b))
+                  if r["errors"] or not r["aggregate_tok_s"] or r["ttft_p50_ms"] is None]
+        if broken:
+            print(f"| serve ({name}), {c} streams | FAIL | failed requests: {', '.join(broken)} (see serve.log) |"); continue
         r = a["aggregate_tok_s"] / b["aggregate_tok_s"]
         # The target is on the same tokens at 8 and 32 streams; chat rows carry tofy's extra
         # conditioning tokens, so they are reported, not judged.

@@ -313,7 +313,17 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         }
         Err(err) => {
             writeln!(out, "world model:   cannot load: {err:#}")?;
-            fixes.push("pass a valid model_world_*.safetensors and its vocab_world.txt, or none for the embedded default".to_string());
+            let on_gpu = err.chain().any(|e| {
+                matches!(
+                    e.downcast_ref(),
+                    Some(crate::world::WorldError::Cuda { .. })
+                )
+            });
+            fixes.push(if on_gpu {
+                "run the world model with --device cpu, or see docs/gpu.md for what the GPU needs".to_string()
+            } else {
+                "pass a valid model_world_*.safetensors and its vocab_world.txt, or none for the embedded default".to_string()
+            });
         }
     }
 
@@ -396,7 +406,7 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         " (ignored: CPU only)"
     };
     writeln!(out, "GPU layers:    {}{ngl_note}", config.ngl)?;
-    for line in gpu_report() {
+    for line in gpu_report(args.device.device) {
         writeln!(out, "{line}")?;
     }
     writeln!(
@@ -476,10 +486,14 @@ fn describe_world(world: &WorldModel) -> String {
 /// The doctor's GPU lines: the GPU and driver, llama.cpp's CUDA module, the
 /// devices llama.cpp registered, NVRTC.
 #[cfg(feature = "cuda")]
-fn gpu_report() -> Vec<String> {
+fn gpu_report(device: crate::world::Device) -> Vec<String> {
     use crate::decoder::llama::modules;
-    use crate::world::cuda;
-    let gpu = match cuda::probe(0) {
+    use crate::world::{Device, cuda};
+    let ordinal = match device {
+        Device::Cuda(n) => n,
+        Device::Auto | Device::Cpu => 0,
+    };
+    let gpu = match cuda::probe(ordinal) {
         Ok(info) => info.to_string(),
         Err(why) => format!("none usable: {why}"),
     };
@@ -491,16 +505,21 @@ fn gpu_report() -> Vec<String> {
         Ok((major, minor)) => format!("{major}.{minor}"),
         Err(why) => why,
     };
+    // The modules failing to load at all (no CPU variant beside tofy) hides every device.
+    let devices = match decoder::llama::backend() {
+        Ok(_) => modules::devices().join(", "),
+        Err(err) => format!("none: {err}"),
+    };
     vec![
         format!("GPU:           {gpu}"),
         format!("llama.cpp CUDA: {module}"),
-        format!("ggml devices:  {}", modules::devices().join(", ")),
+        format!("ggml devices:  {devices}"),
         format!("NVRTC:         {nvrtc}"),
     ]
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_report() -> Vec<String> {
+fn gpu_report(_device: crate::world::Device) -> Vec<String> {
     vec![
         "GPU:           not built in (for NVIDIA GPUs, build with `make cuda`: docs/gpu.md)".into(),
     ]

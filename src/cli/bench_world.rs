@@ -150,6 +150,13 @@ pub fn run(args: BenchWorldArgs) -> anyhow::Result<()> {
             let mut dumped = Vec::with_capacity(encoded.len());
             for chunk in encoded.chunks(b as usize) {
                 let outputs = world.forward(chunk)?;
+                // JSON has no NaN: a non-finite value would be written as null.
+                anyhow::ensure!(
+                    [&outputs.state, &outputs.next, &outputs.conditioning]
+                        .iter()
+                        .all(|a| a.iter().all(|v| v.is_finite())),
+                    "the forward pass on {device} gave a non-finite value at batch size {b}"
+                );
                 for (i, e) in chunk.iter().enumerate() {
                     dumped.push(DumpPrompt {
                         ids: e.ids.clone(),

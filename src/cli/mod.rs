@@ -72,16 +72,26 @@ pub struct WorldArgs {
     /// Its vocab_world.txt.
     #[arg(long, value_name = "VOCAB", requires = "world")]
     vocab: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 impl WorldArgs {
-    /// The checkpoint given, or the embedded default.
+    /// The checkpoint given, or the embedded default, on `--device`.
     pub fn load(&self) -> anyhow::Result<WorldModel> {
-        Ok(match (&self.world, &self.vocab) {
-            (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &LoadOptions::default())?,
-            _ => WorldModel::load_default(&LoadOptions::default())
+        let options = LoadOptions {
+            device: self.device.device,
+            ..Default::default()
+        };
+        let world = match (&self.world, &self.vocab) {
+            (Some(model), Some(vocab)) => WorldModel::load(model, vocab, &options)?,
+            _ => WorldModel::load_default(&options)
                 .context("loading the embedded default world model")?,
-        })
+        };
+        if let Some(notice) = world_notice(&world) {
+            eprintln!("{notice}");
+        }
+        Ok(world)
     }
 }
 

@@ -43,9 +43,13 @@ pub fn run(args: RandomProjectorArgs) -> anyhow::Result<()> {
     let bridge_dim = match args.bridge_dim {
         Some(b) => b as usize,
         None => {
-            WorldModel::load_default(&LoadOptions::default())?
-                .config()
-                .bridge_dim
+            // Only its size is read: no need for a GPU.
+            WorldModel::load_default(&LoadOptions {
+                device: crate::world::Device::Cpu,
+                ..Default::default()
+            })?
+            .config()
+            .bridge_dim
         }
     };
     let norm = median_row_norm(&table)?;
