@@ -97,6 +97,13 @@ pub fn driver_present() -> bool {
 /// GPU `ordinal`, if the driver is there and sees it. Never panics: the
 /// error says what is missing.
 pub fn probe(ordinal: usize) -> std::result::Result<GpuInfo, String> {
+    open(ordinal).map(|(_, info)| info)
+}
+
+/// GPU `ordinal`'s context and what it is. The backend keeps the context:
+/// letting it go would release the primary context, and the load would
+/// create it again.
+fn open(ordinal: usize) -> std::result::Result<(Arc<CudaContext>, GpuInfo), String> {
     if !driver_present() {
         return Err("no NVIDIA driver (libcuda.so.1 not found)".to_string());
     }
@@ -115,13 +122,14 @@ pub fn probe(ordinal: usize) -> std::result::Result<GpuInfo, String> {
             unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
                 .result()
                 .map_err(|e| e.to_string())?;
-            Ok(GpuInfo {
+            let info = GpuInfo {
                 ordinal,
                 name: ctx.name().map_err(|e| e.to_string())?,
                 compute: ctx.compute_capability().map_err(|e| e.to_string())?,
                 memory_bytes: ctx.total_mem().map_err(|e| e.to_string())?,
                 driver: (version / 1000, version % 1000 / 10),
-            })
+            };
+            Ok((ctx, info))
         },
         |panic| panic,
     )
@@ -175,7 +183,7 @@ impl CudaBackend {
     /// Uploads every tensor of `ckpt` (already resolved into `config`) to
     /// GPU `ordinal` and compiles the kernels for it.
     pub fn load(ckpt: &Checkpoint, config: &WorldConfig, ordinal: usize) -> Result<Self> {
-        let info = probe(ordinal).map_err(|message| WorldError::Cuda { message })?;
+        let (ctx, info) = open(ordinal).map_err(|message| WorldError::Cuda { message })?;
         for (present, lib) in [
             (compile::nvrtc_present(), "libnvrtc.so.13 (NVRTC)"),
             // SAFETY: dlopens the candidate names, resolving nothing.
@@ -202,7 +210,7 @@ impl CudaBackend {
             });
         }
         let gpu = guarded(
-            || Gpu::load(ckpt, config, &info),
+            || Gpu::load(ctx, ckpt, config, &info),
             |message| WorldError::Cuda { message },
         )?;
         let use_graphs = std::env::var("TOFY_CUDA_GRAPHS").map_or(true, |v| v != "0");
@@ -407,7 +415,12 @@ struct Gpu {
 }
 
 impl Gpu {
-    fn load(ckpt: &Checkpoint, cfg: &WorldConfig, info: &GpuInfo) -> Result<Self> {
+    fn load(
+        ctx: Arc<CudaContext>,
+        ckpt: &Checkpoint,
+        cfg: &WorldConfig,
+        info: &GpuInfo,
+    ) -> Result<Self> {
         // The dynamic part, plus the kernel's static reduction scratch.
         let attention_shared = attention_shared_bytes(cfg) + 32 * std::mem::size_of::<f32>();
         if attention_shared > MAX_SHARED {
@@ -419,7 +432,6 @@ impl Gpu {
                 ),
             });
         }
-        let ctx = CudaContext::new(info.ordinal).map_err(cuda_err)?;
         // SAFETY: all work goes to the one stream below, in order, so there
         // is nothing for cudarc's cross-stream events to order (and those
         // events cannot be recorded while a graph is being captured).
