@@ -43,7 +43,7 @@ for p in "${pieces[@]}"; do
         echo " $n. carry [\"$p\"], timeout_s 60:"
         echo "    cp $p /tmp/g/"
     else
-        echo " $n. carry [\"$p\"], timeout_s 420:"
+        echo " $n. carry [\"$p\"], timeout_s 540:"
         echo "    cp $p /tmp/g/ && cat /tmp/g/gguf.* >/tmp/g/tofy-cuda/models/$name && echo \"$sum  /tmp/g/tofy-cuda/models/$name\" | sha256sum -c && /tmp/g/tofy-cuda/scripts/gpu-check.sh"
     fi
 done

@@ -189,28 +189,48 @@ say "3. world-model latency vs PyTorch"
 for name in default seed-size; do
     # shellcheck disable=SC2086
     set -- ${world_args[$name]}
-    t "$tofy" bench-world "$@" --device cuda --batch 1,32 --iters 500 >"$out/latency-$name-tofy.jsonl" 2>>"$out/latency.log"
-    # shellcheck disable=SC2086
-    t python3 "$ref" bench ${ref_args[$name]} --batch 1,32 --iters 500 >"$out/latency-$name-torch.jsonl" 2>>"$out/latency.log"
+    # Three rounds, tofy and PyTorch taking turns to go first; the ratios are medians of the
+    # per-round ratios.
+    for round in 1 2 3; do
+        runs=(tofy torch)
+        [ $((round % 2)) = 0 ] && runs=(torch tofy)
+        for who in "${runs[@]}"; do
+            if [ "$who" = tofy ]; then
+                t "$tofy" bench-world "$@" --device cuda --batch 1,32 --iters 300 \
+                    >"$out/latency-$name-tofy-$round.jsonl" 2>>"$out/latency.log"
+            else
+                # shellcheck disable=SC2086
+                t python3 "$ref" bench ${ref_args[$name]} --batch 1,32 --iters 300 \
+                    >"$out/latency-$name-torch-$round.jsonl" 2>>"$out/latency.log"
+            fi
+        done
+    done
     python3 - "$name" "$out" >>"$final/summary.md" <<'EOF'
-import json, sys
+import json, statistics, sys
 name, out = sys.argv[1], sys.argv[2]
 def rows_of(path):
     try:
         return [json.loads(l) for l in open(path) if l.strip()]
     except OSError:
         return []
-ours = {r["batch"]: r for r in rows_of(f"{out}/latency-{name}-tofy.jsonl")}
-peer = {(r["batch"], r["peer"].split()[-1]): r for r in rows_of(f"{out}/latency-{name}-torch.jsonl")}
 for b in (1, 32):
-    try:
-        t, e, g = ours[b]["median_ms"], peer[(b, "eager")]["median_ms"], peer[(b, "cuda-graph")]["median_ms"]
-    except KeyError as missing:
-        print(f"| world latency, {name}, batch {b} | FAIL | no figure for {missing} (see latency.log) |")
+    rounds = []
+    for r in (1, 2, 3):
+        ours = {x["batch"]: x["median_ms"] for x in rows_of(f"{out}/latency-{name}-tofy-{r}.jsonl")}
+        peer = {(x["batch"], x["peer"].split()[-1]): x["median_ms"]
+                for x in rows_of(f"{out}/latency-{name}-torch-{r}.jsonl")}
+        if b in ours and (b, "eager") in peer and (b, "cuda-graph") in peer:
+            rounds.append((ours[b], peer[(b, "eager")], peer[(b, "cuda-graph")]))
+    if len(rounds) < 3:
+        print(f"| world latency, {name}, batch {b} | FAIL | {len(rounds)} of 3 rounds have figures (see latency.log) |")
         continue
-    ok = t <= 0.5 * e and t <= g
+    med = lambda xs: statistics.median(xs)
+    t, e, g = (med(col) for col in zip(*rounds))
+    re, rg = med([x[0] / x[1] for x in rounds]), med([x[0] / x[2] for x in rounds])
+    ok = re <= 0.5 and rg <= 1.0
     print(f"| world latency, {name}, batch {b} | {'PASS' if ok else 'MISS'} | tofy {t:.3f} ms; torch eager {e:.3f} ms "
-          f"({t / e:.2f}x, target <= 0.5x); torch CUDA graph {g:.3f} ms ({t / g:.2f}x, target <= 1.0x) |")
+          f"({re:.2f}x, target <= 0.5x); torch CUDA graph {g:.3f} ms ({rg:.2f}x, target <= 1.0x); "
+          f"medians of 3 interleaved rounds |")
 EOF
 done
 fi
@@ -272,7 +292,11 @@ streams=${GPU_CHECK_STREAMS:-1,8,32}
 # tokens": one ChatML text with a conditioning-like system message through /v1/completions, so
 # both servers evaluate exactly the same tokens (scripts/bench-server.sh's two modes).
 system="You are Tofy, a helpful assistant. A world model read the user's message and predicted a latent condition for your reply. Use the latent condition to guide the tone, depth and focus of your reply; never mention it or its numbers. Latent condition: chunks=[0.188,0.054,0.099,-0.045,0.000,-0.096,0.031,0.049]"
-for server in tofy llama; do
+# Three rounds, the servers taking turns to go first; ratios are medians of the per-round ratios.
+for round in 1 2 3; do
+  servers=(tofy llama)
+  [ $((round % 2)) = 0 ] && servers=(llama tofy)
+  for server in "${servers[@]}"; do
     "serve_$server"
     if ready; then
         for mode in chat same; do
@@ -280,37 +304,42 @@ for server in tofy llama; do
             [ "$mode" = same ] && extra=(--raw-system "$system")
             t python3 "$root/scripts/bench-server.py" --base-url "http://127.0.0.1:$port" \
                 --concurrency "$streams" --requests-per-stream 2 --timeout 60 \
-                --max-tokens "${GPU_CHECK_MAX_TOKENS:-128}" --label "$server $mode" \
+                --max-tokens "${GPU_CHECK_MAX_TOKENS:-128}" --label "$server $mode $round" \
                 --out "$out/serve.jsonl" "${extra[@]}" >>"$out/serve.log" 2>&1
         done
     else
         echo "$server did not start" >>"$out/serve.log"
     fi
     stop
+  done
 done
 python3 - "$out" "$streams" >>"$final/summary.md" <<'EOF'
-import json, sys
+import json, statistics, sys
 out, streams = sys.argv[1], [int(c) for c in sys.argv[2].split(",")]
 try:
     rows = {(r["label"], r["concurrency"]): r for r in map(json.loads, open(f"{out}/serve.jsonl"))}
 except OSError as e:
     rows = {}
+med = statistics.median
 for mode, name in (("same", "same tokens"), ("chat", "chat")):
     for c in streams:
-        a, b = rows.get((f"tofy {mode}", c)), rows.get((f"llama {mode}", c))
-        if not a or not b:
-            print(f"| serve ({name}), {c} streams | FAIL | missing: {'tofy' if not a else 'llama-server'} (see serve.log) |"); continue
-        broken = [who for who, r in (("tofy", a), ("llama-server", b))
-                  if r["errors"] or not r["aggregate_tok_s"] or r["ttft_p50_ms"] is None]
+        pairs = [(rows.get((f"tofy {mode} {k}", c)), rows.get((f"llama {mode} {k}", c))) for k in (1, 2, 3)]
+        if not all(a and b for a, b in pairs):
+            print(f"| serve ({name}), {c} streams | FAIL | a round is missing (see serve.log) |"); continue
+        broken = {who for a, b in pairs for who, r in (("tofy", a), ("llama-server", b))
+                  if r["errors"] or not r["aggregate_tok_s"] or r["ttft_p50_ms"] is None}
         if broken:
-            print(f"| serve ({name}), {c} streams | FAIL | failed requests: {', '.join(broken)} (see serve.log) |"); continue
-        r = a["aggregate_tok_s"] / b["aggregate_tok_s"]
+            print(f"| serve ({name}), {c} streams | FAIL | failed requests: {', '.join(sorted(broken))} (see serve.log) |"); continue
+        r = med([a["aggregate_tok_s"] / b["aggregate_tok_s"] for a, b in pairs])
+        # The figures shown: each server's medians over the rounds.
+        a = {k: med([p[0][k] for p in pairs]) for k in ("aggregate_tok_s", "ttft_p50_ms", "ttft_p99_ms")}
+        b = {k: med([p[1][k] for p in pairs]) for k in ("aggregate_tok_s", "ttft_p50_ms", "ttft_p99_ms")}
         # The target is on the same tokens at 8 and 32 streams; chat rows carry tofy's extra
         # conditioning tokens, so they are reported, not judged.
         verdict = "INFO" if mode == "chat" or c not in (8, 32) else ("PASS" if r >= 1.0 else "MISS")
         print(f"| serve ({name}), {c} streams | {verdict} | tofy {a['aggregate_tok_s']:.0f} tok/s, TTFT p50/p99 "
               f"{a['ttft_p50_ms']:.0f}/{a['ttft_p99_ms']:.0f} ms; llama-server {b['aggregate_tok_s']:.0f} tok/s, "
-              f"{b['ttft_p50_ms']:.0f}/{b['ttft_p99_ms']:.0f} ms; ratio {r:.2f} |")
+              f"{b['ttft_p50_ms']:.0f}/{b['ttft_p99_ms']:.0f} ms; ratio {r:.2f} (median of 3 interleaved rounds) |")
 EOF
 fi
 
