@@ -11,8 +11,12 @@
 //! moved a fraction of the way towards the rows' mean, so it is no longer
 //! any token's row. The table compares how likely one pirate-flavoured reply
 //! is with no prefix, the instruction as tokens, its exact rows, and the
-//! soft rows. Without the GGUF (`make models` fetches it) it says so and
-//! exits 0, so `make test` can always build and run it.
+//! soft rows.
+//!
+//! `make test` runs it, and it checks the one thing it can know in advance:
+//! the instruction's exact rows score the reply as its tokens do (each
+//! log-probability within 1e-4). Otherwise, or without the GGUF (`make
+//! models` fetches it), it fails.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -33,13 +37,11 @@ fn main() -> anyhow::Result<()> {
         || PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
         PathBuf::from,
     );
-    if !gguf.exists() {
-        eprintln!(
-            "prefix_experiment: {} not found; `make models` fetches it (skipped)",
-            gguf.display()
-        );
-        return Ok(());
-    }
+    anyhow::ensure!(
+        gguf.exists(),
+        "{} not found; `make models` fetches it",
+        gguf.display()
+    );
     let config = DecoderConfig {
         ctx: 512,
         ngl: 0,
@@ -82,6 +84,7 @@ fn main() -> anyhow::Result<()> {
     ];
 
     println!("\nreply NLL per token of {REPLY:?}:");
+    let mut scores = Vec::new();
     for (name, prompt) in &prompts {
         let score = decoder.score(&ScoreRequest {
             prompt: prompt.clone(),
@@ -95,7 +98,25 @@ fn main() -> anyhow::Result<()> {
             score.tokens.len(),
             score.prompt_tokens
         );
+        scores.push(score);
     }
+    // The check: a token's own embedding row is that token to the model.
+    let (tokens, rows) = (&scores[1], &scores[2]);
+    anyhow::ensure!(
+        tokens.tokens == rows.tokens && tokens.prompt_tokens == rows.prompt_tokens,
+        "the exact rows and the tokens scored different positions"
+    );
+    let diff = tokens
+        .logprobs
+        .iter()
+        .zip(&rows.logprobs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    anyhow::ensure!(
+        diff <= 1e-4,
+        "the instruction's exact rows must score the reply as its tokens do: max |diff| {diff:e}"
+    );
+    println!("  (exact rows vs tokens: max |log-prob diff| {diff:.1e}, within 1e-4)");
 
     println!("\ngreedy reply after the soft rows:");
     let request = GenerateRequest {

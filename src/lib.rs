@@ -20,6 +20,7 @@
 //! - [`eval_conditioning`]: does the conditioning lower the decoder's NLL of
 //!   the true reply (paired modes, bootstrap intervals)?
 //! - [`train`] (feature `train`): the candle trainer and reference model.
+//! - [`exit`]: leaving without destructors when a native thread cannot stop.
 //! - [`cli`]: the command-line surface (`tofy condition`, ...), shared by the
 //!   binary and the integration tests.
 
@@ -30,6 +31,7 @@ pub mod decoder;
 pub mod engine;
 pub mod eval;
 pub mod eval_conditioning;
+pub mod exit;
 pub mod fault;
 pub mod fit_projector;
 #[doc(hidden)]

@@ -508,3 +508,57 @@ fn cvec_mode_steers_through_a_control_map() {
     ));
     assert!(line.contains("does not apply"), "{line}");
 }
+
+#[test]
+fn ctrl_c_mid_stream_cuts_the_reply_and_exits_130() {
+    use std::io::Read;
+    use std::process::Stdio;
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tofy"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("JEPA_DECODER_") || key.starts_with("TOFY_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut child = cmd
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .args([
+            "infer-agent",
+            "Count from one to one thousand, one number per line.",
+            "--max-new-tokens",
+            "3000",
+        ])
+        .env("JEPA_DECODER_MODEL", smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .env("JEPA_DECODER_NGL", "0")
+        .env("JEPA_DECODER_TEMP", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tofy infer-agent");
+    let mut stdout = child.stdout.take().unwrap();
+    // The reply has started streaming: Ctrl-C now.
+    let mut first = [0u8; 1];
+    stdout
+        .read_exact(&mut first)
+        .expect("the reply's first byte");
+    common::signal(&child, libc::SIGINT);
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let status = common::exit_status(&mut child, "tofy infer-agent");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{status}: {stderr}");
+    assert!(
+        !stderr.contains("error"),
+        "no error line for Ctrl-C: {stderr}"
+    );
+    // Cut long before 3000 tokens of counting.
+    let reply = String::from_utf8_lossy(&[&first[..], &rest].concat()).into_owned();
+    assert!(!reply.contains("1000"), "{reply}");
+}

@@ -338,3 +338,41 @@ fn a_request_given_up_while_queued_never_starts() {
         assert_eq!(running.join().unwrap().completion_tokens, 200);
     });
 }
+
+#[test]
+fn shutdown_ends_running_and_queued_jobs_and_refuses_new_ones() {
+    // One slot: the second request waits in the worker's queue.
+    let decoder = load(1024);
+    let mut long = request("Count from one to one thousand.", 3000);
+    long.ignore_eos = true;
+    let (first_piece, got_piece) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            let mut sink = |_: &str| {
+                let _ = first_piece.send(());
+                ControlFlow::Continue(())
+            };
+            decoder.generate(&long, &mut sink)
+        });
+        got_piece
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the long generation streams (a hang guard)");
+        let queued = scope.spawn(|| {
+            decoder.generate(&request("Hi", 4), &mut |_: &str| ControlFlow::Continue(()))
+        });
+        // Let the second job reach the worker's queue (a sequence is busy).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        decoder
+            .shutdown(std::time::Duration::from_secs(20))
+            .expect("the worker stops within the bound");
+        for job in [running, queued] {
+            let err = job.join().unwrap().unwrap_err();
+            assert!(matches!(err, DecoderError::ShuttingDown), "{err}");
+        }
+    });
+    assert!(decoder.health().is_ok(), "a shutdown is not a death");
+    let err = decoder
+        .generate(&request("Hi", 4), &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(err, DecoderError::ShuttingDown), "{err}");
+}

@@ -1,7 +1,7 @@
 //! The subprocess backend against fake `llama-completion` scripts written
 //! here (flags, streaming, echo and marker stripping, token counts,
-//! cancellation, failures), and against llama.cpp's real binary when one is
-//! at hand (`TOFY_TEST_LLAMA_COMPLETION`, or target/peers/bin).
+//! cancellation, shutdown, failures), and against llama.cpp's real binary
+//! (an ignored test: `TOFY_TEST_LLAMA_COMPLETION`, or target/peers/bin).
 
 mod common;
 
@@ -228,12 +228,14 @@ fn real_binary() -> Option<PathBuf> {
         })
 }
 
+/// Not in `make test`: the binary is llama.cpp's own, built with the peers
+/// (~16 min on 2 cores, more than the suite itself).
 #[test]
-fn the_real_llama_completion_where_present() {
-    let Some(bin) = real_binary() else {
-        eprintln!("no llama-completion built (scripts/bench-decoder.sh builds it): skipped");
-        return;
-    };
+#[ignore = "needs llama.cpp's llama-completion: ../shared/peers/build-llama-tools.sh (or TOFY_TEST_LLAMA_COMPLETION=PATH), then cargo test --release --test decoder_subprocess -- --ignored"]
+fn the_real_llama_completion() {
+    let bin = real_binary().expect(
+        "no llama-completion at target/peers/bin or TOFY_TEST_LLAMA_COMPLETION: build the peers first",
+    );
     let d = decoder(&bin, &common::smollm2());
     let (g, pieces) = collect(&d, &request(16));
     assert!(!g.text.trim().is_empty(), "{g:?}");
@@ -288,4 +290,35 @@ fn a_silent_child_is_killed_on_cancel_and_long_prompts_pass() {
         (1 << 20) + 1,
         "the whole prompt, and the newline llama.cpp drops"
     );
+}
+
+#[test]
+fn shutdown_kills_a_running_child_and_refuses_new_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let bin = script(
+        dir.path(),
+        "silent",
+        &format!("touch {}\nsleep 60\nprintf late\n", started.display()),
+    );
+    let d = decoder(&bin, &dir.path().join("m.gguf"));
+    std::thread::scope(|scope| {
+        let running =
+            scope.spawn(|| d.generate(&request(4), &mut |_: &str| ControlFlow::Continue(())));
+        // A hang guard, not a timing: the child has started.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !started.exists() {
+            assert!(std::time::Instant::now() < deadline, "the child never ran");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Generous: the watcher looks every 50 ms; the child sleeps 60 s.
+        d.shutdown(std::time::Duration::from_secs(20))
+            .expect("the child is killed and reaped");
+        let err = running.join().unwrap().unwrap_err();
+        assert!(matches!(err, DecoderError::ShuttingDown), "{err}");
+    });
+    let err = d
+        .generate(&request(4), &mut |_: &str| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(err, DecoderError::ShuttingDown), "{err}");
 }

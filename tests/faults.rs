@@ -2,11 +2,10 @@
 //! which `make test` turns on): a panic while handling one request, or in
 //! the world model's batch, fails that request alone; the llama worker's
 //! death turns `/health` to 503 with the reason and the server exits 1,
-//! for its supervisor to restart it.
+//! for its supervisor to restart it. A SIGTERM while the model loads (held
+//! in the load by `TOFY_FAULT_LOAD_MS`) cancels the load and exits 0.
 
 mod common;
-
-use std::time::{Duration, Instant};
 
 use common::server::{Server, chat};
 use serde_json::Value;
@@ -59,14 +58,30 @@ fn a_dead_worker_fails_health_and_the_server_exits_non_zero() {
         assert_eq!(status, 503, "{health}");
         assert!(health.contains("panicked"), "{health}");
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = server.exit_status();
     assert_eq!(exit.code(), Some(1), "{exit}");
     server.wait_for_log(&["worker thread panicked"]);
+}
+
+#[test]
+fn sigterm_while_the_model_loads_cancels_the_load_and_exits_0() {
+    // The load pauses in llama.cpp's progress callback for ten minutes (a
+    // fault-injection point) unless it is cancelled: only the cancel can
+    // end this test within the two-minute hang guard.
+    let mut server = Server::spawn(
+        &["serve", "127.0.0.1:0"],
+        &[("TOFY_FAULT_LOAD_MS", "600000")],
+    );
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    server.signal(libc::SIGTERM);
+    let status = server.exit_status();
+    assert!(status.success(), "{status}");
+    server.wait_for_log(&["stopped before the model finished loading"]);
+    assert!(
+        !server.log().iter().any(|l| l.starts_with("error")),
+        "{:?}",
+        server.log()
+    );
 }

@@ -131,3 +131,13 @@ fn an_unreachable_rpc_server_is_one_line() {
         assert!(line.contains("host:port"), "{line}");
     }
 }
+
+#[test]
+fn an_rpc_server_stops_on_sigterm_with_status_0() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut server = RpcServer::start();
+        common::signal(&server.child, signal);
+        let status = common::exit_status(&mut server.child, "tofy rpc-server");
+        assert_eq!(status.code(), Some(0), "{status}");
+    }
+}

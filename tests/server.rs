@@ -178,25 +178,8 @@ fn a_disconnect_frees_its_sequence() {
     );
 }
 
-/// The server's exit status, waiting at most two minutes (a hang guard).
-fn exit_status(server: &mut Server) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 fn sigterm(server: &Server) {
-    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    server.signal(libc::SIGTERM);
 }
 
 #[test]
@@ -263,7 +246,7 @@ fn a_replica_names_itself_and_drains_on_sigterm() {
     );
     // Its client leaves: the generation is cancelled, the drain ends.
     drop(endless);
-    let status = exit_status(&mut server);
+    let status = server.exit_status();
     assert!(status.success(), "{status}");
     server.wait_for_log(&["generation finished", "finish=Cancelled"]);
     server.wait_for_log(&["drained; stopping"]);
@@ -278,10 +261,41 @@ fn a_drain_that_outlasts_its_timeout_still_exits_0() {
     let mut line = String::new();
     endless.read_line(&mut line).unwrap();
     sigterm(&server);
-    let status = exit_status(&mut server);
+    let status = server.exit_status();
     assert!(status.success(), "{status}");
     server.wait_for_log(&["drain timeout passed", "left=1"]);
     // Cut: the body ends (or errors) with no [DONE].
+    let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
+    assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
+    // The worker stopped within its bound: no `_exit` was needed.
+    assert!(
+        !server.log().iter().any(|l| l.contains("without cleanup")),
+        "{:?}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_second_signal_mid_drain_stops_at_once_and_cleanly() {
+    let mut server = Server::start(&["--drain-timeout", "600"], &[]);
+    let endless = with(chat("Count to one thousand.", 3000), "stream", json!(true));
+    let endless = with(endless, "ignore_eos", json!(true));
+    let mut endless = server.open_stream("/v1/chat/completions", &endless);
+    let mut line = String::new();
+    endless.read_line(&mut line).unwrap();
+    sigterm(&server);
+    server.wait_for_log(&["draining", "SIGTERM"]);
+    // Still draining: the endless stream keeps it up for ten minutes.
+    assert!(server.child.try_wait().unwrap().is_none());
+    server.signal(libc::SIGINT);
+    let status = server.exit_status();
+    assert!(status.success(), "{status}");
+    server.wait_for_log(&["second signal", "SIGINT"]);
+    assert!(
+        !server.log().iter().any(|l| l.contains("without cleanup")),
+        "the worker must stop within its bound: {:?}",
+        server.log()
+    );
     let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
     assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
 }
@@ -797,7 +811,8 @@ fn the_seed_form_serves_and_bad_arguments_are_one_line() {
         .env("JEPA_DECODER_MODEL", "/no/such/model.gguf")
         .output()
         .unwrap();
-    assert!(!missing.status.success());
+    let status = common::no_signal(missing.status, "tofy serve with a missing model");
+    assert!(!status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
         stderr.lines().last().unwrap().starts_with("error: "),

@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::decoder_args::DecoderArgs;
+use super::interrupt::Interrupt;
 use super::{DeviceArgs, WorldSizeArgs, WorldSpec, split_world};
 use crate::conditioning::CondMode;
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
@@ -153,7 +154,18 @@ pub(crate) fn notices(engine: &Engine, config: &DecoderConfig) -> Vec<String> {
     out
 }
 
+/// `infer-agent`: a signal stops it cleanly (see [`Interrupt`]); whatever
+/// the run returned then, the command ends as interrupted.
 pub fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let interrupt = Interrupt::install().context("installing the Ctrl-C handler")?;
+    let result = infer_until(args, &interrupt);
+    match interrupt.caught() {
+        Some(interrupted) => Err(interrupted.into()),
+        None => result,
+    }
+}
+
+fn infer_until(args: InferArgs, interrupt: &Interrupt) -> anyhow::Result<()> {
     let (spec, rest) = split_world(
         &args.inputs,
         "[MODEL VOCAB] PROMPT [DIM MAX_SEQ LAYERS HEADS BRIDGE_DIM MAX_NEW_TOKENS]",
@@ -166,7 +178,10 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let world = spec.load(&options)?;
-    let config = args.decoder.config();
+    let config = DecoderConfig {
+        cancel_load: Some(interrupt.flag()),
+        ..args.decoder.config()
+    };
     let projector = args.decoder.projector()?;
     let decoder = decoder::open(&config)?;
     let engine = Engine::new(world, decoder, args.decoder.cond_settings(), projector)?
@@ -184,6 +199,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         },
         sampling: config.sampling.clone(),
         stop: args.stop.clone(),
+        cancel: Some(interrupt.flag()),
     };
 
     if args.json {

@@ -168,6 +168,7 @@ impl DecoderArgs {
             },
             split_mixed_batches: false,
             rpc: self.rpc.clone(),
+            cancel_load: None,
         }
     }
 }

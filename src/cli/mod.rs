@@ -8,11 +8,14 @@ mod decoder_args;
 mod eval_conditioning;
 mod fit_control;
 mod fit_projector;
+mod interrupt;
 mod projector;
 mod rpc_server;
 mod serve;
 mod train;
 mod train_projector;
+
+pub use interrupt::Interrupted;
 
 use std::ffi::OsString;
 

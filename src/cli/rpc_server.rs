@@ -1,8 +1,17 @@
 //! `tofy rpc-server`: this host's devices (its GPUs, else its CPU) served to
 //! llama.cpp RPC clients, so that a `tofy serve --rpc host:port,...`
 //! elsewhere can put a model's layers here (deploy/README.md).
+//!
+//! llama.cpp's server loop never returns and cannot be asked to stop, so
+//! it runs on a thread of its own while the main thread waits for SIGTERM
+//! or SIGINT, then leaves through `_exit` with status 0: returning from
+//! `main` would run ggml's destructors beside the live loop. The server
+//! keeps nothing that could be lost (clients reconnect elsewhere).
 
+use anyhow::Context;
 use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::decoder::config::physical_cores;
 use crate::decoder::llama::rpc;
@@ -44,10 +53,28 @@ pub fn run(args: RpcServerArgs) -> anyhow::Result<()> {
         .cache
         .as_deref()
         .map(|d| d.to_string_lossy().into_owned());
-    rpc::serve(
-        &format!("{}:{}", args.host, args.port),
-        threads,
-        cache.as_deref(),
-    )?;
-    Ok(())
+    let endpoint = format!("{}:{}", args.host, args.port);
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).context("installing the SIGTERM/SIGINT handlers")?;
+    let wake = signals.handle();
+    let server = std::thread::Builder::new()
+        .name("tofy-rpc".into())
+        .spawn(move || {
+            let served = rpc::serve(&endpoint, threads, cache.as_deref());
+            // It returns only when it could not start: wake the main thread.
+            wake.close();
+            served
+        })?;
+    if let Some(signal) = signals.forever().next() {
+        let name = if signal == SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        };
+        crate::exit::now(0, &format!("tofy rpc-server: {name}; stopped"));
+    }
+    match server.join() {
+        Ok(served) => Ok(served?),
+        Err(_) => anyhow::bail!("the RPC server thread panicked"),
+    }
 }

@@ -208,7 +208,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let settings = args.decoder.cond_settings();
     let control = args.decoder.control()?;
-    let load = move || {
+    let load = move |cancel| {
+        let config = DecoderConfig {
+            cancel_load: Some(cancel),
+            ..config
+        };
         let engine = Engine::new(world, decoder::open(&config)?, settings, projector)?
             .with_control(control)?;
         for notice in notices(&engine, &config) {

@@ -4,6 +4,8 @@
 //! error rather than a silent default); this module holds the result.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 /// The seed's defaults.
 pub const DEFAULT_CTX: u32 = 4096;
@@ -142,6 +144,10 @@ pub struct DecoderConfig {
     /// `TOFY_RPC`: llama.cpp RPC servers (`host:port`) that take the
     /// offloaded layers, in order (llama backend only).
     pub rpc: Vec<String>,
+    /// Set by whoever stops the process (a signal while the server loads,
+    /// Ctrl-C in the CLI): a llama.cpp model load in progress gives up
+    /// ([`super::DecoderError::LoadCancelled`]) instead of finishing first.
+    pub cancel_load: Option<Arc<AtomicBool>>,
 }
 
 impl Default for DecoderConfig {
@@ -159,6 +165,7 @@ impl Default for DecoderConfig {
             sampling: Sampling::default(),
             split_mixed_batches: false,
             rpc: Vec::new(),
+            cancel_load: None,
         }
     }
 }

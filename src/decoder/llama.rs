@@ -25,6 +25,13 @@
 //! Besides generating, a job can score: the teacher-forced log-probability
 //! of each token of a continuation after a prompt, scheduled like any other
 //! job (batched, prefix reuse included).
+//!
+//! Stopping ([`Decoder::shutdown`], and `Drop`) sets a flag that the worker
+//! reads before each step and llama.cpp reads between graph nodes (its
+//! abort callback): every job ends with [`DecoderError::ShuttingDown`], the
+//! context is freed on the worker, and the thread ends. The process may
+//! exit only after that: ggml's static destructors must never run beside a
+//! live decode (they did, as a SIGSEGV at a drain timeout).
 
 pub mod ffi;
 #[cfg(feature = "cuda")]
@@ -37,7 +44,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -163,8 +170,12 @@ enum Event {
 /// llama.cpp in-process: one model, one context of `parallel` sequences,
 /// owned by a worker thread.
 pub struct LlamaDecoder {
-    jobs: Option<mpsc::Sender<Queued>>,
+    /// Taken (closing the channel, which wakes an idle worker) on shutdown.
+    jobs: Mutex<Option<mpsc::Sender<Queued>>>,
     worker: Option<JoinHandle<()>>,
+    /// Set to stop the worker: read before each step and by llama.cpp's
+    /// abort callback during one.
+    stop: Arc<AtomicBool>,
     /// The model itself (its path and context size with it), shared with
     /// the worker: tokenizing needs no slot.
     model: Arc<Loaded>,
@@ -181,13 +192,15 @@ impl LlamaDecoder {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
         let dead = Arc::new(OnceLock::new());
+        let stop = Arc::new(AtomicBool::new(false));
         // The model is `Send + Sync`; only the context must stay on the worker.
         let model = Arc::new(Loaded::open(path, config)?);
-        let (worker_model, worker_config, worker_active, worker_dead) = (
+        let (worker_model, worker_config, worker_active, worker_dead, worker_stop) = (
             Arc::clone(&model),
             config.clone(),
             Arc::clone(&active),
             Arc::clone(&dead),
+            Arc::clone(&stop),
         );
         let worker = std::thread::Builder::new()
             .name("tofy-llama".into())
@@ -201,12 +214,14 @@ impl LlamaDecoder {
                     &jobs_rx,
                     &worker_active,
                     &worker_dead,
+                    &worker_stop,
                 );
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
-                jobs: Some(jobs_tx),
+                jobs: Mutex::new(Some(jobs_tx)),
                 worker: Some(worker),
+                stop,
                 model,
                 active,
                 dead,
@@ -223,11 +238,23 @@ impl LlamaDecoder {
     }
 }
 
+impl LlamaDecoder {
+    /// Asks the worker to stop: its jobs end, its context is freed.
+    fn ask_to_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        // Closing the channel wakes a worker that sleeps waiting for a job.
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
 impl Drop for LlamaDecoder {
     fn drop(&mut self) {
-        // Closing the job channel ends the worker's loop; joining frees the
-        // context and the model before the process goes on.
-        self.jobs.take();
+        // No job can be running (a stream borrows the decoder): joining
+        // frees the context on its thread before the model is freed here.
+        self.ask_to_stop();
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -255,6 +282,24 @@ impl Decoder for LlamaDecoder {
         match self.dead.get() {
             Some(reason) => Err(reason.clone()),
             None => Ok(()),
+        }
+    }
+
+    fn shutdown(&self, within: Duration) -> Result<(), DecoderError> {
+        self.ask_to_stop();
+        // Polled, not joined: a worker stuck in llama.cpp must not hang the
+        // process on its way out (the caller then leaves with `_exit`).
+        let stopped = self
+            .worker
+            .as_ref()
+            .is_none_or(|w| crate::exit::within(within, || w.is_finished()));
+        if stopped {
+            Ok(())
+        } else {
+            Err(DecoderError::StopTimeout {
+                what: "the llama.cpp worker thread",
+                within,
+            })
         }
     }
 
@@ -471,6 +516,9 @@ impl LlamaDecoder {
         if let Some(reason) = self.dead.get() {
             return Err(DecoderError::WorkerDied(reason.clone()));
         }
+        if self.stop.load(Ordering::Acquire) {
+            return Err(DecoderError::ShuttingDown);
+        }
         let prepared = self.model.prepare(&work)?;
         let (events_tx, events_rx) = mpsc::channel();
         let cancel = cancel.unwrap_or_default();
@@ -480,15 +528,23 @@ impl LlamaDecoder {
             cancel: Arc::clone(&cancel),
             start: Instant::now(),
         };
-        let jobs = self.jobs.as_ref().ok_or(DecoderError::WorkerGone)?;
-        jobs.send(Queued { job, prepared })
-            .map_err(|_| DecoderError::WorkerGone)?;
-        Ok((events_rx, cancel))
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        // No sender: shutdown took it. A closed channel without a stop: the
+        // worker is gone (its panic sets `dead` for the stream to report).
+        let sent = match jobs.as_ref() {
+            Some(jobs) => jobs.send(Queued { job, prepared }).is_ok(),
+            None => return Err(DecoderError::ShuttingDown),
+        };
+        match (sent, self.stop.load(Ordering::Acquire)) {
+            (true, _) => Ok((events_rx, cancel)),
+            (false, true) => Err(DecoderError::ShuttingDown),
+            (false, false) => Err(DecoderError::WorkerGone),
+        }
     }
 }
 
 /// The worker thread: create the context, report readiness, then schedule
-/// jobs until the channel closes.
+/// jobs until asked to stop (or the channel closes).
 fn run_worker(
     loaded: &Loaded,
     config: &DecoderConfig,
@@ -496,6 +552,7 @@ fn run_worker(
     jobs: &mpsc::Receiver<Queued>,
     active: &AtomicUsize,
     dead: &OnceLock<String>,
+    stop: &AtomicBool,
 ) {
     let context = match loaded.context(config) {
         Ok(context) => context,
@@ -511,7 +568,7 @@ fn run_worker(
     // worker stops for good rather than serve from it. Unwinding drops
     // every job it held (their callers see the worker gone), and the
     // reason is kept for `Decoder::health`.
-    let mut scheduler = Scheduler::new(loaded, context, config.parallel, active);
+    let mut scheduler = Scheduler::new(loaded, context, config.parallel, active, stop);
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.run(jobs)));
     if let Err(payload) = run {
         // The reason first, then the jobs: a caller woken by its job's end
@@ -522,6 +579,8 @@ fn run_worker(
         ));
         active.store(0, Ordering::Relaxed);
     }
+    // The context is freed here, on its own thread, before the thread ends
+    // (and so before `shutdown` reports the worker stopped).
     drop(scheduler);
 }
 
@@ -553,12 +612,36 @@ impl Loaded {
     fn open(path: &Path, config: &DecoderConfig) -> Result<Self, DecoderError> {
         let backend = backend()?;
         rpc::add_servers(&config.rpc)?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(config.ngl);
+        let mut params = LlamaModelParams::default().with_n_gpu_layers(config.ngl);
+        let cancelled = || {
+            config
+                .cancel_load
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire))
+        };
+        if let Some(cancel) = config.cancel_load.clone() {
+            // llama.cpp reports its progress as it reads the tensors; a
+            // `false` back makes the load give up and free what it read.
+            let mut first = true;
+            params = params.with_progress_callback(move |_| {
+                if std::mem::take(&mut first) {
+                    crate::fault::slow_load(&cancel);
+                }
+                !cancel.load(Ordering::Acquire)
+            });
+        }
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|_| {
-            DecoderError::ModelLoad {
-                path: path.to_path_buf(),
+            if cancelled() {
+                DecoderError::LoadCancelled
+            } else {
+                DecoderError::ModelLoad {
+                    path: path.to_path_buf(),
+                }
             }
         })?;
+        if cancelled() {
+            return Err(DecoderError::LoadCancelled);
+        }
         let template = model.chat_template(None).ok();
         let arch = ffi::architecture(&model);
         let mixed_batches =
@@ -990,6 +1073,8 @@ struct Scheduler<'m> {
     /// Runs in slots, published for metrics. Lowered before a run reports
     /// its end, so a caller that has its result never sees it counted.
     active: &'m AtomicUsize,
+    /// The decoder's stop flag (also llama.cpp's abort callback's).
+    stop: &'m AtomicBool,
 }
 
 impl<'m> Scheduler<'m> {
@@ -998,6 +1083,7 @@ impl<'m> Scheduler<'m> {
         context: LlamaContext<'m>,
         parallel: usize,
         active: &'m AtomicUsize,
+        stop: &'m AtomicBool,
     ) -> Self {
         let slots = (0..parallel.max(1))
             .map(|seq| Slot {
@@ -1013,26 +1099,38 @@ impl<'m> Scheduler<'m> {
         } else {
             &[Pass::Tokens, Pass::Rows]
         };
+        let mut eval = Evaluator::new(context);
+        eval.abort_when(stop);
         Self {
             loaded,
-            eval: Evaluator::new(context),
+            eval,
             slots,
             queue: VecDeque::new(),
             passes,
             control: None,
             clock: 0,
             active,
+            stop,
         }
     }
 
     fn run(&mut self, jobs: &mpsc::Receiver<Queued>) {
         loop {
+            if self.stop.load(Ordering::Acquire) {
+                self.queue.extend(jobs.try_iter());
+                self.abandon();
+                return;
+            }
             let busy = self.slots.iter().any(|s| s.run.is_some());
             if !busy && self.queue.is_empty() {
-                // Idle: sleep until a job comes, or end with the channel.
+                // Idle: sleep until a job comes, or end with the channel
+                // (closed by a shutdown, which has set the flag).
                 match jobs.recv() {
                     Ok(job) => self.queue.push_back(job),
-                    Err(_) => return,
+                    Err(_) => {
+                        self.abandon();
+                        return;
+                    }
                 }
             }
             self.queue.extend(jobs.try_iter());
@@ -1073,6 +1171,19 @@ impl<'m> Scheduler<'m> {
             groups[..=at].rotate_right(1);
         }
         groups
+    }
+
+    /// Stopping: every queued job and every run ends with `ShuttingDown`.
+    fn abandon(&mut self) {
+        for queued in self.queue.drain(..) {
+            queued.job.fail(DecoderError::ShuttingDown);
+        }
+        for slot in &mut self.slots {
+            if let Some(run) = slot.run.take() {
+                run.job.fail(DecoderError::ShuttingDown);
+            }
+        }
+        self.active.store(0, Ordering::Relaxed);
     }
 
     /// Jobs whose callers gave up never start; runs whose callers gave up
@@ -1270,7 +1381,13 @@ impl<'m> Scheduler<'m> {
                 && let Some(run) = slot.run.take()
             {
                 self.active.fetch_sub(1, Ordering::Relaxed);
-                run.job.fail(DecoderError::Decode(message.to_string()));
+                // A batch cut by the stop flag (llama.cpp's abort callback)
+                // is the shutdown's, not a decode failure.
+                run.job.fail(if self.stop.load(Ordering::Acquire) {
+                    DecoderError::ShuttingDown
+                } else {
+                    DecoderError::Decode(message.to_string())
+                });
                 self.eval.clear_seq(slot.seq, None);
                 slot.cached.clear();
             }

@@ -348,6 +348,15 @@ pub trait Decoder: Send + Sync {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Stops generating before the process exits: every queued and running
+    /// request ends with [`DecoderError::ShuttingDown`], the step in
+    /// progress is abandoned, and the native state is released, waiting at
+    /// most `within`. An error means something is still running: the caller
+    /// must then leave without running destructors (`crate::exit::now`),
+    /// never race them against a live decode. Later requests are refused.
+    fn shutdown(&self, _within: std::time::Duration) -> Result<(), DecoderError> {
+        Ok(())
+    }
     /// The width of an embedding row (llama.cpp's `n_embd_inp`), where
     /// the backend takes embedding rows.
     fn input_width(&self) -> Option<usize> {
@@ -461,6 +470,18 @@ pub enum DecoderError {
     Io(#[from] std::io::Error),
     #[error("the llama.cpp worker thread stopped unexpectedly")]
     WorkerGone,
+    #[error("the decoder is shutting down; retry against a running server")]
+    ShuttingDown,
+    #[error("the model load was cancelled (the process is stopping)")]
+    LoadCancelled,
+    #[error(
+        "{what} did not stop within {} s of being asked to",
+        within.as_secs_f64()
+    )]
+    StopTimeout {
+        what: &'static str,
+        within: std::time::Duration,
+    },
     #[error("{0}; restart the server")]
     WorkerDied(String),
     #[error("llama.cpp backend initialisation failed: {0}")]

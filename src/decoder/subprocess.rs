@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::stop::StopScanner;
@@ -22,10 +22,23 @@ use super::{
 const END_OF_TEXT: &str = " [end of text]";
 
 /// Runs `JEPA_DECODER_BIN` for every request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SubprocessDecoder {
     model: PathBuf,
     config: DecoderConfig,
+    /// Set by `shutdown`: running children are killed, new requests refused.
+    stop: Arc<AtomicBool>,
+    /// Children running now; `shutdown` waits for none.
+    running: Arc<AtomicUsize>,
+}
+
+/// One running child, counted until it has been reaped.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl SubprocessDecoder {
@@ -33,6 +46,8 @@ impl SubprocessDecoder {
         Self {
             model,
             config: config.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            running: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -103,6 +118,21 @@ impl Decoder for SubprocessDecoder {
         Some(self.config.ctx as usize)
     }
 
+    /// Kills every running child (each request's watcher sees the flag
+    /// within 50 ms) and waits until all are reaped: no llama-completion
+    /// outlives the server.
+    fn shutdown(&self, within: Duration) -> Result<(), DecoderError> {
+        self.stop.store(true, Ordering::Release);
+        if crate::exit::within(within, || self.running.load(Ordering::Acquire) == 0) {
+            Ok(())
+        } else {
+            Err(DecoderError::StopTimeout {
+                what: "a llama-completion child",
+                within,
+            })
+        }
+    }
+
     fn submit<'d>(
         &'d self,
         request: &GenerateRequest,
@@ -130,6 +160,13 @@ impl SubprocessDecoder {
         sink: &mut Sink<'_>,
     ) -> Result<Generation, DecoderError> {
         let start = Instant::now();
+        // Counted first, then the flag read: a shutdown that set the flag
+        // either sees this request counted or this request sees the flag.
+        self.running.fetch_add(1, Ordering::AcqRel);
+        let _running = Running(Arc::clone(&self.running));
+        if self.stop.load(Ordering::Acquire) {
+            return Err(DecoderError::ShuttingDown);
+        }
         // The prompt goes in a file: an argument is limited in length (128
         // KiB on Linux), a file is not.
         let prompt_file = prompt_file(text)?;
@@ -150,7 +187,8 @@ impl SubprocessDecoder {
         })?);
         // A cancel is seen even while the child prints nothing (reading a
         // long prompt): the watcher kills it, and the read below ends.
-        let mut watch = CancelWatch::start(request.cancel.clone(), &child.0);
+        let mut watch =
+            CancelWatch::start(request.cancel.clone(), Arc::clone(&self.stop), &child.0);
         let mut stdout = child.0.stdout.take().expect("stdout is piped");
         let mut stderr = child.0.stderr.take().expect("stderr is piped");
         // stderr is drained on its own thread so a chatty child never blocks.
@@ -212,6 +250,7 @@ impl SubprocessDecoder {
         if watch.stop() {
             (finish, kill) = (FinishReason::Cancelled, true);
         }
+        let shutting_down = kill && self.stop.load(Ordering::Acquire);
         // llama.cpp prints "\n\n" after a generation that hit -n, before its
         // timings: not the model's text.
         out.finish(finish == FinishReason::Length);
@@ -223,6 +262,9 @@ impl SubprocessDecoder {
         }
         let status = child.0.wait()?;
         let stderr_text = stderr_reader.join().unwrap_or_default();
+        if shutting_down {
+            return Err(DecoderError::ShuttingDown);
+        }
         if !kill && !status.success() {
             if let Some((prompt_tokens, context)) = prompt_too_long(&stderr_text) {
                 return Err(DecoderError::ContextExceeded {
@@ -256,8 +298,8 @@ impl SubprocessDecoder {
     }
 }
 
-/// Kills a child's process group when its request's cancel flag is set,
-/// checking every 50 ms until stopped. Stopped (and joined) before the
+/// Kills a child's process group when its request's cancel flag or the
+/// decoder's stop flag is set, checking every 50 ms until stopped. Stopped (and joined) before the
 /// child is reaped, so its pid cannot have been reused.
 struct CancelWatch {
     done: Arc<AtomicBool>,
@@ -266,15 +308,19 @@ struct CancelWatch {
 }
 
 impl CancelWatch {
-    fn start(cancel: Option<Arc<AtomicBool>>, child: &Child) -> Self {
+    fn start(cancel: Option<Arc<AtomicBool>>, stop: Arc<AtomicBool>, child: &Child) -> Self {
         let done = Arc::new(AtomicBool::new(false));
         let fired = Arc::new(AtomicBool::new(false));
         let pid = i32::try_from(child.id()).ok();
-        let thread = cancel.zip(pid).map(|(cancel, pid)| {
+        let thread = pid.map(|pid| {
             let (done, fired) = (Arc::clone(&done), Arc::clone(&fired));
+            let given_up = move || {
+                stop.load(Ordering::Acquire)
+                    || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+            };
             std::thread::spawn(move || {
                 while !done.load(Ordering::Acquire) {
-                    if cancel.load(Ordering::Relaxed) {
+                    if given_up() {
                         fired.store(true, Ordering::Release);
                         // SAFETY: as in ChildGuard::kill_group; the child is
                         // not reaped while this thread runs.

@@ -11,6 +11,7 @@
 mod world_batch;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::conditioning::{CondFormat, CondMode, Conditioning, system_message};
@@ -124,6 +125,8 @@ pub struct AgentRequest {
     pub turn: TurnOptions,
     pub sampling: Sampling,
     pub stop: Vec<String>,
+    /// Set to give the generation up (Ctrl-C): it ends as cancelled.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// The conditioning the decoder saw, and what it wrote.
@@ -345,6 +348,21 @@ impl Engine {
     }
 
     /// Runs one turn, streaming the reply into `sink`.
+    /// Stops the native threads (the llama.cpp worker first, then the
+    /// world model's), each within `within`: see [`Decoder::shutdown`].
+    /// After an error something still runs, and the process must leave
+    /// without destructors (`crate::exit::now`).
+    pub fn shutdown(&self, within: Duration) -> Result<(), DecoderError> {
+        self.decoder.shutdown(within)?;
+        if !self.batcher.shutdown(within) {
+            return Err(DecoderError::StopTimeout {
+                what: "the world-model thread",
+                within,
+            });
+        }
+        Ok(())
+    }
+
     pub fn infer(
         &self,
         request: &AgentRequest,
@@ -356,6 +374,7 @@ impl Engine {
             stop: request.stop.clone(),
             prompt: self.apply(&steer, conversation),
             control: steer.control.clone(),
+            cancel: request.cancel.clone(),
             ..GenerateRequest::chat(Vec::new(), request.max_new_tokens, request.sampling.clone())
         };
         let generation = self.decoder.generate(&generate, sink)?;

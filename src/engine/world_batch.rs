@@ -6,9 +6,15 @@
 //! that pile up while a batch runs form the next one. A batch that fails
 //! (or panics) is run again one prompt at a time, so a failure stays with
 //! the request that caused it.
+//!
+//! [`WorldBatcher::shutdown`] stops the thread before the process exits
+//! (a CUDA world model's context must not be torn down under a forward
+//! pass); calls still waiting are answered with an error.
 
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::conditioning::Conditioning;
 use crate::engine::condition_all;
@@ -23,19 +29,38 @@ struct Call {
     reply: mpsc::SyncSender<Result<Conditioning, String>>,
 }
 
-/// The handle requests call; cheap to clone.
-#[derive(Clone)]
+/// What the thread's channel carries.
+enum Message {
+    Call(Call),
+    /// End after the batch in progress.
+    Stop,
+}
+
+/// The handle requests call.
 pub struct WorldBatcher {
-    calls: mpsc::Sender<Call>,
+    calls: mpsc::Sender<Message>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl WorldBatcher {
     pub fn start(world: Arc<WorldModel>) -> std::io::Result<Self> {
         let (calls, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tofy-world".into())
             .spawn(move || run(&world, &rx))?;
-        Ok(Self { calls })
+        Ok(Self {
+            calls,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread once its batch in progress is done, waiting at
+    /// most `within`; false if it is still running then.
+    pub fn shutdown(&self, within: Duration) -> bool {
+        let _ = self.calls.send(Message::Stop);
+        self.thread
+            .as_ref()
+            .is_none_or(|t| crate::exit::within(within, || t.is_finished()))
     }
 
     /// The conditioning for `prompt`, blocking until its batch ran.
@@ -46,40 +71,71 @@ impl WorldBatcher {
             ablate,
             reply,
         };
-        let gone = || "the world-model thread stopped".to_string();
-        self.calls.send(call).map_err(|_| gone())?;
+        let gone =
+            || "the world-model thread has stopped (the server is shutting down)".to_string();
+        self.calls.send(Message::Call(call)).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?
     }
 }
 
-fn run(world: &WorldModel, calls: &mpsc::Receiver<Call>) {
-    while let Ok(first) = calls.recv() {
+impl Drop for WorldBatcher {
+    fn drop(&mut self) {
+        let _ = self.calls.send(Message::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Batches until a stop; calls queued behind the stop are dropped
+/// unanswered (their callers see the thread gone).
+fn run(world: &WorldModel, calls: &mpsc::Receiver<Message>) {
+    while let Ok(Message::Call(first)) = calls.recv() {
         let mut batch = vec![first];
-        batch.extend(calls.try_iter().take(MAX_BATCH - 1));
-        for ablate in [false, true] {
-            let group: Vec<&Call> = batch.iter().filter(|c| c.ablate == ablate).collect();
-            if group.is_empty() {
-                continue;
+        let mut stop = false;
+        while batch.len() < MAX_BATCH {
+            match calls.try_recv() {
+                Ok(Message::Call(call)) => batch.push(call),
+                Ok(Message::Stop) => {
+                    stop = true;
+                    break;
+                }
+                Err(_) => break,
             }
-            let prompts: Vec<&str> = group.iter().map(|c| c.prompt.as_str()).collect();
-            match guarded(world, &prompts, ablate) {
-                Ok(results) => {
-                    for (call, result) in group.iter().zip(results) {
-                        let _ = call.reply.send(Ok(result));
-                    }
+        }
+        forward(world, &batch);
+        if stop {
+            return;
+        }
+    }
+}
+
+/// One batch's forward passes (plain and ablated prompts apart), each
+/// call answered.
+fn forward(world: &WorldModel, batch: &[Call]) {
+    for ablate in [false, true] {
+        let group: Vec<&Call> = batch.iter().filter(|c| c.ablate == ablate).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let prompts: Vec<&str> = group.iter().map(|c| c.prompt.as_str()).collect();
+        match guarded(world, &prompts, ablate) {
+            Ok(results) => {
+                for (call, result) in group.iter().zip(results) {
+                    let _ = call.reply.send(Ok(result));
                 }
-                // One prompt's failure is its own: each runs alone again.
-                Err(_) if group.len() > 1 => {
-                    for call in group {
-                        let result = guarded(world, &[call.prompt.as_str()], ablate)
-                            .map(|mut one| one.remove(0));
-                        let _ = call.reply.send(result);
-                    }
+            }
+            // One prompt's failure is its own: each runs alone again.
+            Err(_) if group.len() > 1 => {
+                for call in group {
+                    let result = guarded(world, &[call.prompt.as_str()], ablate)
+                        .map(|mut one| one.remove(0));
+                    let _ = call.reply.send(result);
                 }
-                Err(err) => {
-                    for call in group {
-                        let _ = call.reply.send(Err(err.clone()));
-                    }
+            }
+            Err(err) => {
+                for call in group {
+                    let _ = call.reply.send(Err(err.clone()));
                 }
             }
         }

@@ -205,6 +205,9 @@ impl From<DecoderError> for ApiError {
                 Self::invalid(err.to_string())
             }
             DecoderError::InvalidToken { .. } => Self::invalid_param("tokens", err.to_string()),
+            DecoderError::ShuttingDown => Self::unavailable(
+                "the server is shutting down and stopped this generation; retry, and a load balancer will send the request to another replica",
+            ),
             DecoderError::WorkerDied(_) | DecoderError::WorkerGone => Self {
                 detail: Some(err.to_string()),
                 ..Self::unavailable(

@@ -632,6 +632,11 @@ fn execute(state: &Arc<State>, job: Job, tx: &mpsc::UnboundedSender<Event>, admi
                 "generation finished"
             );
         }
+        // 503: the server is draining or stopping; the request is the
+        // client's to retry, not a failure of this one.
+        Err(err) if err.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::warn!(status = 503, cause = err.cause(), "generation stopped");
+        }
         Err(err) if err.status.is_server_error() => {
             tracing::error!(
                 status = err.status.as_u16(),

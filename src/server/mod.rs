@@ -17,6 +17,14 @@
 //! llama backend batches them), `--queue` more may wait, and beyond that a
 //! request gets 503 at once.
 //!
+//! However the server stops (drained, a drain timeout, a second signal, a
+//! dead worker, a failed or cancelled load), `serve` stops the native
+//! threads under it before it returns: a model load in progress is
+//! cancelled, the llama.cpp worker ends its jobs and frees its context,
+//! then the engine is dropped. Each has a bound; past it the process
+//! leaves through [`crate::exit::now`] rather than run ggml's destructors
+//! beside a live decode.
+//!
 //! Faults stay with their request: a panic while handling one fails that
 //! request (500). The one fault that cannot is the llama worker's death:
 //! `/health` turns 503 with the reason and the server shuts down with exit
@@ -38,6 +46,7 @@ pub mod tools;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
@@ -80,6 +89,14 @@ pub mod fuzzing {
 pub const MAX_BODY: usize = 16 << 20;
 /// The model id clients use and replies carry.
 pub const MODEL_ID: &str = "tofy";
+
+/// How long the engine's threads get to stop once the server has: the
+/// llama.cpp step in progress is cut by its abort callback, so stopping
+/// takes milliseconds; a second signal is promised to stop within this.
+const STOP_WITHIN: Duration = Duration::from_secs(2);
+/// How long a model load gets to give up: llama.cpp asks between tensors,
+/// but a context being created cannot be interrupted.
+const LOAD_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// How `tofy serve` runs.
 pub struct ServeOptions {
@@ -242,11 +259,13 @@ impl Drop for Admission {
     }
 }
 
-/// Serves until SIGINT/SIGTERM. `load_engine` runs behind the open port;
-/// if it fails the server stops and its error is returned.
+/// Serves until SIGINT/SIGTERM. `load_engine` runs behind the open port,
+/// and gives up when the flag it gets is set (the server stopped before
+/// the load finished: [`crate::decoder::DecoderError::LoadCancelled`]); if
+/// it fails otherwise the server stops and its error is returned.
 pub fn serve<F>(load_engine: F, options: ServeOptions) -> Result<(), ServeError>
 where
-    F: FnOnce() -> anyhow::Result<Engine> + Send + 'static,
+    F: FnOnce(Arc<AtomicBool>) -> anyhow::Result<Engine> + Send + 'static,
 {
     let state = Arc::new(State {
         engine: OnceLock::new(),
@@ -275,7 +294,8 @@ where
     // there when `server.await` returns. (Unwrapping the Arc instead raced
     // the loader thread's own drop of its clone: a failed load could exit 0.)
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
-    actix_web::rt::System::new().block_on(async {
+    let cancel_load = Arc::new(AtomicBool::new(false));
+    let (loader, served) = actix_web::rt::System::new().block_on(async {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -297,10 +317,14 @@ where
             handle.clone(),
             options.drain_timeout,
         ));
-        let (loader_state, loader_error) = (Arc::clone(&state), Arc::clone(&load_error));
-        std::thread::Builder::new()
+        let (loader_state, loader_error, loader_cancel) = (
+            Arc::clone(&state),
+            Arc::clone(&load_error),
+            Arc::clone(&cancel_load),
+        );
+        let loader = std::thread::Builder::new()
             .name("tofy-load".into())
-            .spawn(move || match load_engine() {
+            .spawn(move || match load_engine(loader_cancel) {
                 Ok(engine) => {
                     let decoder = engine.decoder();
                     tracing::info!(
@@ -323,17 +347,77 @@ where
                     drop(handle.stop(true));
                 }
             })?;
-        server.await
+        Ok::<_, std::io::Error>((loader, server.await))
     })?;
+    // Nothing new reaches the engine now: stop what runs under it.
+    cancel_load.store(true, Ordering::Release);
+    stop_engine(state.as_ref(), &loader);
     let failed = load_error
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    match (failed, state.fatal.get()) {
+    let fatal = state.fatal.get().cloned();
+    release(state);
+    served?;
+    match (failed, fatal) {
+        (Some(err), _) if is_cancelled_load(&err) => {
+            tracing::info!("stopped before the model finished loading");
+            Ok(())
+        }
         (Some(err), _) => Err(ServeError::Load(err)),
-        (None, Some(reason)) => Err(ServeError::Fatal(reason.clone())),
+        (None, Some(reason)) => Err(ServeError::Fatal(reason)),
         (None, None) => Ok(()),
     }
+}
+
+/// Waits for the loader (its load cancelled) and stops the engine's
+/// threads, each within its bound; past a bound the process leaves at once.
+fn stop_engine(state: &State, loader: &JoinHandle<()>) {
+    if !crate::exit::within(LOAD_STOP_WITHIN, || loader.is_finished()) {
+        crate::exit::now(
+            1,
+            &format!(
+                "error: tofy serve: the model load did not stop within {} s; exiting without cleanup",
+                LOAD_STOP_WITHIN.as_secs()
+            ),
+        );
+    }
+    if let Some(engine) = state.engine.get()
+        && let Err(err) = engine.shutdown(STOP_WITHIN)
+    {
+        crate::exit::now(
+            1,
+            &format!("error: tofy serve: {err}; exiting without cleanup"),
+        );
+    }
+}
+
+/// Drops the server's state, and with it the engine (the model after its
+/// context), once the request threads still finishing have let go of it.
+/// One that holds on past the bound keeps it: the engine is then never
+/// dropped, rather than dropped on that thread while the process exits.
+fn release(state: Arc<State>) {
+    crate::exit::within(STOP_WITHIN, || Arc::strong_count(&state) == 1);
+    match Arc::try_unwrap(state) {
+        Ok(state) => drop(state),
+        Err(state) => {
+            tracing::warn!(
+                "a request thread still held the engine at exit; it is left to the operating system"
+            );
+            // Our count is kept, so the last other holder never drops it.
+            std::mem::forget(state);
+        }
+    }
+}
+
+/// Whether a load failed because the server stopped during it.
+fn is_cancelled_load(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::decoder::DecoderError>(),
+            Some(crate::decoder::DecoderError::LoadCancelled)
+        )
+    })
 }
 
 /// The first SIGTERM or SIGINT drains: `/health` turns 503 and new

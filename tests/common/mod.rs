@@ -284,9 +284,46 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
+/// `status`, once checked to be an exit: a process that died by a signal
+/// (a crash, an abort) fails the test, whatever the test expected.
+pub fn no_signal(status: std::process::ExitStatus, what: &str) -> std::process::ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        status.signal().is_none(),
+        "{what} died by a signal ({status}{})",
+        if status.core_dumped() {
+            ", core dumped"
+        } else {
+            ""
+        }
+    );
+    status
+}
+
+/// Waits for `child` to exit (at most two minutes: a hang guard, not a
+/// timing) and checks that it exited rather than died by a signal.
+pub fn exit_status(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return no_signal(status, what);
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `child`.
+pub fn signal(child: &std::process::Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
 /// A failing command's single stderr line (which must start with `error: `);
 /// nothing may have been printed on stdout.
 pub fn fails(out: std::process::Output) -> String {
+    no_signal(out.status, "the command");
     assert!(
         !out.status.success(),
         "expected failure, got stdout {}",

@@ -25,6 +25,17 @@ impl Server {
     }
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let server = Self::spawn(args, env);
+        server.wait_until(
+            || server.get("/health").0 == 200,
+            "the server to become ready",
+        );
+        server
+    }
+
+    /// `tofy ARGS`, returned once it listens (its model may still be
+    /// loading).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tofy"));
         for (key, _) in std::env::vars() {
             if key.starts_with("JEPA_DECODER_") || key.starts_with("TOFY_") {
@@ -60,17 +71,23 @@ impl Server {
                 .http_status_as_error(false)
                 .build(),
         );
-        let server = Self {
+        Self {
             child,
             base,
             agent,
             log,
-        };
-        server.wait_until(
-            || server.get("/health").0 == 200,
-            "the server to become ready",
-        );
-        server
+        }
+    }
+
+    /// How the server ended (waited for with a hang guard); a death by a
+    /// signal fails the test.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        super::exit_status(&mut self.child, "tofy serve")
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT) to the server.
+    pub fn signal(&self, signal: libc::c_int) {
+        super::signal(&self.child, signal);
     }
 
     /// The stderr lines so far.

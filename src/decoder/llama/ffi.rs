@@ -24,6 +24,7 @@ use std::num::NonZeroU32;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -89,6 +90,23 @@ impl<'m> Evaluator<'m> {
             capacity,
             context,
         }
+    }
+
+    /// Makes every later evaluation give up once `stop` is set: llama.cpp
+    /// asks its abort callback between graph nodes, so a shutdown waits for
+    /// one node, not for a whole prompt chunk (seconds of `n_batch` tokens
+    /// on a slow CPU). An evaluation cut this way fails with
+    /// [`BatchError::Process`]; the sequences it touched are then unknown.
+    pub fn abort_when(&mut self, stop: &'m AtomicBool) {
+        unsafe extern "C" fn stopped(data: *mut c_void) -> bool {
+            // SAFETY: `data` is the `&'m AtomicBool` registered below, and
+            // it outlives the context (`'m`), the only caller.
+            unsafe { &*data.cast::<AtomicBool>() }.load(Ordering::Relaxed)
+        }
+        let data = std::ptr::from_ref(stop).cast_mut().cast::<c_void>();
+        // SAFETY: the context is live; llama.cpp keeps the callback and its
+        // data pointer, which stays valid for the context's lifetime.
+        unsafe { sys::llama_set_abort_callback(self.context.as_mut_ptr(), Some(stopped), data) };
     }
 
     pub fn context(&self) -> &LlamaContext<'m> {
