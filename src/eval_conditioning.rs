@@ -7,8 +7,12 @@
 //! The mismatched modes use the vector of another pair (a derangement:
 //! never the pair's own), the mean mode the mean vector of the pairs
 //! evaluated, so that a gain can be told apart from what any conditioning
-//! message or any steer does. Differences between modes are paired (same
-//! pairs, same reply tokens) with a percentile bootstrap over pairs.
+//! message or any steer does; the instruction mode (the message with
+//! nothing in it) and the soft prompt (one trained set of rows for every
+//! pair) are the baselines a world vector must beat. Differences between
+//! modes are paired (same pairs, same reply tokens) with a percentile
+//! bootstrap that resamples whole conversations when the pairs' ids are
+//! known (pairs of one dialogue are not independent), pairs otherwise.
 //!
 //! Per mode, the NLL is the token-weighted mean over the pairs (total NLL /
 //! total reply tokens); a paired difference is the same statistic for the
@@ -22,11 +26,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::conditioning::{CondFormat, CondMode, Conditioning};
+use crate::conditioning::{CondFormat, CondMode, Conditioning, system_message};
 use crate::data::pairs::Pair;
 use crate::decoder::ControlVector;
-use crate::decoder::{ChatMessage, DecoderError, Role, ScoreRequest};
-use crate::engine::{Engine, EngineError, Steer};
+use crate::decoder::{ChatMessage, DecoderError, Embeddings, Prompt, Role, ScoreRequest};
+use crate::engine::{Engine, EngineError, Steer, with_conditioning};
 use crate::projector::{Projector, ProjectorError};
 use crate::world::{WorldError, WorldModel};
 
@@ -37,6 +41,9 @@ use crate::world::{WorldError, WorldModel};
 pub enum EvalMode {
     /// No conditioning message.
     None,
+    /// The conditioning message's instruction with neither digits nor rows:
+    /// what the sentence alone does.
+    Instruction,
     /// The seed's digits of the pair's own vector.
     Text,
     /// The same message with another pair's vector.
@@ -48,6 +55,10 @@ pub enum EvalMode {
     /// The projector's rows of the mean vector: a steer with nothing
     /// specific to the pair.
     MeanPrefix,
+    /// The constant rows of a soft prompt (`--soft-prompt`, a projector
+    /// trained with `train-projector --bias-only`): the best steer with
+    /// nothing specific to the pair, under the same training budget.
+    SoftPrompt,
     /// The projector's rows of `bridge(encoder(true reply))`: what a
     /// perfect transition would predict, an upper bound on what the channel
     /// carries (it reads the answer, so it is never a mode to serve).
@@ -60,13 +71,15 @@ pub enum EvalMode {
 }
 
 impl EvalMode {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::None,
+        Self::Instruction,
         Self::Text,
         Self::MismatchedText,
         Self::Prefix,
         Self::MismatchedPrefix,
         Self::MeanPrefix,
+        Self::SoftPrompt,
         Self::OraclePrefix,
         Self::Cvec,
         Self::MismatchedCvec,
@@ -77,14 +90,21 @@ impl EvalMode {
         matches!(self, Self::Cvec | Self::MismatchedCvec)
     }
 
+    /// Whether the mode needs a soft prompt (`--soft-prompt`).
+    pub fn needs_soft_prompt(self) -> bool {
+        self == Self::SoftPrompt
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
+            Self::Instruction => "instruction",
             Self::Text => "text",
             Self::MismatchedText => "mismatched_text",
             Self::Prefix => "prefix",
             Self::MismatchedPrefix => "mismatched_prefix",
             Self::MeanPrefix => "mean_prefix",
+            Self::SoftPrompt => "soft_prompt",
             Self::OraclePrefix => "oracle_prefix",
             Self::Cvec => "cvec",
             Self::MismatchedCvec => "mismatched_cvec",
@@ -94,11 +114,17 @@ impl EvalMode {
 
 /// The differences reported, `a - b`: negative means `a` expects the true
 /// reply more. Only those whose two modes were both scored are reported.
-pub const PAIRED: [(EvalMode, EvalMode); 9] = [
+pub const PAIRED: [(EvalMode, EvalMode); 15] = [
     (EvalMode::Prefix, EvalMode::None),
     (EvalMode::Prefix, EvalMode::MismatchedPrefix),
     (EvalMode::Prefix, EvalMode::MeanPrefix),
+    (EvalMode::Prefix, EvalMode::SoftPrompt),
+    (EvalMode::Prefix, EvalMode::Instruction),
+    (EvalMode::SoftPrompt, EvalMode::None),
+    (EvalMode::SoftPrompt, EvalMode::Instruction),
+    (EvalMode::Instruction, EvalMode::None),
     (EvalMode::Text, EvalMode::None),
+    (EvalMode::Text, EvalMode::Instruction),
     (EvalMode::Text, EvalMode::MismatchedText),
     (EvalMode::OraclePrefix, EvalMode::None),
     (EvalMode::OraclePrefix, EvalMode::MismatchedPrefix),
@@ -123,6 +149,10 @@ pub struct EvalOptions {
     /// The control map of the cvec modes, and the strength its vectors are
     /// added with.
     pub control: Option<(Projector, f32)>,
+    /// The soft prompt of the `soft_prompt` mode: a projector whose rows
+    /// of the zero vector (its constant part; all of it for one trained
+    /// with `--bias-only`) are used for every pair.
+    pub soft_prompt: Option<Projector>,
     /// Called with (pairs scored, pairs) after each pair.
     pub progress: Option<fn(usize, usize)>,
 }
@@ -147,6 +177,12 @@ pub struct EvalReport {
     pub n: usize,
     pub gguf: String,
     pub projector: String,
+    /// The soft prompt's file, when the `soft_prompt` mode was scored.
+    pub soft_prompt: Option<String>,
+    /// What the bootstrap resamples: `conversations` or `pairs`.
+    pub bootstrap: &'static str,
+    /// The conversations the pairs come from (= `n` for `pairs`).
+    pub conversations: usize,
     pub modes: BTreeMap<&'static str, ModeScore>,
     pub paired: BTreeMap<String, Interval>,
 }
@@ -161,8 +197,17 @@ pub struct PairScores {
 /// `n` pairs drawn from `pairs` with `seed` (all of them, shuffled, when
 /// there are no more than `n`).
 pub fn sample(pairs: &[Pair], n: usize, seed: u64) -> Vec<Pair> {
+    sample_indices(pairs.len(), n, seed)
+        .into_iter()
+        .map(|i| pairs[i].clone())
+        .collect()
+}
+
+/// The indices [`sample`] picks from `len` pairs (the pairs' places in
+/// their file, for per-pair output and conversation ids).
+pub fn sample_indices(len: usize, n: usize, seed: u64) -> Vec<usize> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut picked = pairs.to_vec();
+    let mut picked: Vec<usize> = (0..len).collect();
     picked.shuffle(&mut rng);
     picked.truncate(n);
     picked
@@ -242,6 +287,20 @@ fn steer(
     if mode == EvalMode::MismatchedCvec {
         return control(ctx.other[i]);
     }
+    if mode == EvalMode::SoftPrompt {
+        let rows = ctx.soft_rows.ok_or(EvalError::NoSoftPrompt)?;
+        return Ok((
+            Steer {
+                mode: CondMode::Prefix,
+                format: ctx.format,
+                conditioning: None,
+                rows: Some(rows.clone()),
+                control: None,
+                world_time: Default::default(),
+            },
+            None,
+        ));
+    }
     Ok((
         match mode {
             EvalMode::None => none(),
@@ -251,7 +310,11 @@ fn steer(
             EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
             EvalMode::MeanPrefix => prefix(ctx.mean)?,
             EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
-            EvalMode::Cvec | EvalMode::MismatchedCvec => unreachable!("returned above"),
+            // Instruction is laid out by `prompt` with no steer.
+            EvalMode::Instruction => none(),
+            EvalMode::Cvec | EvalMode::MismatchedCvec | EvalMode::SoftPrompt => {
+                unreachable!("returned above")
+            }
         },
         None,
     ))
@@ -267,6 +330,8 @@ struct Steers<'a> {
     modes: &'a [EvalMode],
     format: CondFormat,
     control: Option<&'a (Projector, f32)>,
+    /// The soft prompt's rows, the same for every pair.
+    soft_rows: Option<&'a Embeddings>,
 }
 
 /// The chat prompt and continuation that pair `pair` is scored with under
@@ -287,6 +352,20 @@ pub fn score_request(
     }
 }
 
+/// The `instruction` mode's prompt: the conditioning message with nothing
+/// after "Latent condition:", right before the user turn. Its tokens are
+/// the `prefix` mode's with the rows taken out.
+pub fn instruction_prompt(pair: &Pair) -> Prompt {
+    let conversation = vec![ChatMessage::new(Role::User, pair.context.as_str())];
+    Prompt::chat(with_conditioning(conversation, system_message("")))
+}
+
+/// The rows a soft prompt puts before every user turn: its rows of the
+/// zero vector.
+pub fn soft_prompt_rows(soft: &Projector) -> Result<Embeddings, ProjectorError> {
+    soft.project(&vec![0.0; soft.bridge_dim()])
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     #[error(transparent)]
@@ -297,6 +376,14 @@ pub enum EvalError {
     TooFew(usize),
     #[error("the cvec modes need a control map: pass --control FILE (made by `tofy fit-control`)")]
     NoControl,
+    #[error(
+        "the soft_prompt mode needs a soft prompt: pass --soft-prompt FILE (made by `tofy train-projector --bias-only`)"
+    )]
+    NoSoftPrompt,
+    #[error(
+        "pair {pair}: the reply was {a} tokens under one mode and {b} under another; the modes cannot be compared"
+    )]
+    TokenMismatch { pair: usize, a: usize, b: usize },
     #[error(transparent)]
     Projector(#[from] ProjectorError),
 }
@@ -315,6 +402,15 @@ pub fn score_pairs(
     if options.control.is_none() && options.modes.iter().any(|m| m.needs_control()) {
         return Err(EvalError::NoControl);
     }
+    let soft_rows = match &options.soft_prompt {
+        Some(soft) if options.modes.contains(&EvalMode::SoftPrompt) => {
+            Some(soft_prompt_rows(soft)?)
+        }
+        _ if options.modes.contains(&EvalMode::SoftPrompt) => {
+            return Err(EvalError::NoSoftPrompt);
+        }
+        _ => None,
+    };
     let vectors = context_vectors(engine.world(), pairs).map_err(EngineError::from)?;
     let width = vectors[0].len();
     let mut mean = vec![0.0f32; width];
@@ -345,6 +441,7 @@ pub fn score_pairs(
         modes: &options.modes,
         format: options.format,
         control: options.control.as_ref(),
+        soft_rows: soft_rows.as_ref(),
     };
     let results: Mutex<Vec<Option<PairScores>>> = Mutex::new(vec![None; pairs.len()]);
     let next = AtomicUsize::new(0);
@@ -395,29 +492,72 @@ fn score_pair(
     end_of_turn: &str,
 ) -> Result<PairScores, EvalError> {
     let mut nll = BTreeMap::new();
-    let mut tokens = 0;
+    let mut tokens = None;
     for &mode in ctx.modes {
-        let (steer, control) = steer(mode, i, ctx)?;
-        let request = score_request(ctx.engine, &steer, control, pair, end_of_turn);
+        let request = if mode == EvalMode::Instruction {
+            ScoreRequest {
+                prompt: instruction_prompt(pair),
+                continuation: format!("{}{end_of_turn}", pair.next),
+                cancel: None,
+                control: None,
+            }
+        } else {
+            let (steer, control) = steer(mode, i, ctx)?;
+            score_request(ctx.engine, &steer, control, pair, end_of_turn)
+        };
         let score = ctx
             .engine
             .decoder()
             .score(&request)
             .map_err(|source| EvalError::Score { pair: i, source })?;
-        tokens = score.tokens.len();
+        // The reply is tokenized apart from the prompt: the same under
+        // every mode, which the token-weighted means rely on.
+        match tokens {
+            Some(n) if n != score.tokens.len() => {
+                return Err(EvalError::TokenMismatch {
+                    pair: i,
+                    a: n,
+                    b: score.tokens.len(),
+                });
+            }
+            _ => tokens = Some(score.tokens.len()),
+        }
         nll.insert(mode, -score.logprobs.iter().sum::<f64>());
     }
-    Ok(PairScores { nll, tokens })
+    Ok(PairScores {
+        nll,
+        tokens: tokens.unwrap_or(0),
+    })
 }
 
 /// The report of scored pairs: each mode's NLL per token, and each paired
-/// difference with its percentile bootstrap interval (95%).
+/// difference with its percentile bootstrap interval (95%). With
+/// `conversations` (each scored pair's conversation id) the bootstrap
+/// draws whole conversations (a cluster bootstrap); without, pairs.
 pub fn report(
     scores: &[PairScores],
+    conversations: Option<&[String]>,
     options: &EvalOptions,
     gguf: String,
     projector: String,
 ) -> EvalReport {
+    // Each cluster's pairs, in order of first appearance.
+    let clusters: Vec<Vec<usize>> = match conversations {
+        Some(ids) => {
+            assert_eq!(ids.len(), scores.len(), "one conversation id per pair");
+            let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut clusters: Vec<Vec<usize>> = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                let at = *index.entry(id.as_str()).or_insert_with(|| {
+                    clusters.push(Vec::new());
+                    clusters.len() - 1
+                });
+                clusters[at].push(i);
+            }
+            clusters
+        }
+        None => (0..scores.len()).map(|i| vec![i]).collect(),
+    };
     let total_tokens: usize = scores.iter().map(|s| s.tokens).sum();
     let modes = options
         .modes
@@ -436,8 +576,12 @@ pub fn report(
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed.wrapping_add(1));
     let draws: Vec<Vec<usize>> = (0..options.resamples)
         .map(|_| {
-            (0..scores.len())
-                .map(|_| rng.random_range(0..scores.len()))
+            (0..clusters.len())
+                .flat_map(|_| {
+                    clusters[rng.random_range(0..clusters.len())]
+                        .iter()
+                        .copied()
+                })
                 .collect()
         })
         .collect();
@@ -477,6 +621,13 @@ pub fn report(
         n: scores.len(),
         gguf,
         projector,
+        soft_prompt: options.soft_prompt.as_ref().map(|p| p.source().to_string()),
+        bootstrap: if conversations.is_some() {
+            "conversations"
+        } else {
+            "pairs"
+        },
+        conversations: clusters.len(),
         modes,
         paired,
     }
@@ -516,9 +667,10 @@ mod tests {
             parallel: 1,
             format: CondFormat::Chunks,
             control: None,
+            soft_prompt: None,
             progress: None,
         };
-        let r = report(&scores, &options, "g".into(), "p".into());
+        let r = report(&scores, None, &options, "g".into(), "p".into());
         assert!((r.modes["none"].nll - 25.0 / 10.0).abs() < 1e-12);
         assert!((r.modes["text"].nll - 19.0 / 10.0).abs() < 1e-12);
         let d = r.paired["text-none"];
@@ -530,11 +682,54 @@ mod tests {
             modes: vec![EvalMode::None, EvalMode::Text],
             ..options
         };
-        let r = report(&scores, &only, "g".into(), "p".into());
+        let r = report(&scores, None, &only, "g".into(), "p".into());
         assert_eq!(
             r.modes.keys().copied().collect::<Vec<_>>(),
             ["none", "text"]
         );
         assert_eq!(r.paired.keys().collect::<Vec<_>>(), ["text-none"]);
+    }
+
+    #[test]
+    fn the_cluster_bootstrap_keeps_conversations_whole_and_widens_correlated_intervals() {
+        // Two conversations of three pairs each: within one the difference
+        // is the same, between them it differs. Pairs would pretend to six
+        // independent draws; conversations are two.
+        let pair = |text: f64| PairScores {
+            nll: [(EvalMode::None, 10.0), (EvalMode::Text, text)]
+                .into_iter()
+                .collect(),
+            tokens: 5,
+        };
+        let scores: Vec<PairScores> = [8.0, 8.0, 8.0, 11.0, 11.0, 11.0].map(pair).to_vec();
+        let ids: Vec<String> = ["a", "a", "a", "b", "b", "b"].map(String::from).to_vec();
+        let options = EvalOptions {
+            modes: vec![EvalMode::None, EvalMode::Text],
+            seed: 3,
+            resamples: 4000,
+            parallel: 1,
+            format: CondFormat::Chunks,
+            control: None,
+            soft_prompt: None,
+            progress: None,
+        };
+        let by_pair = report(&scores, None, &options, "g".into(), "p".into());
+        let by_talk = report(&scores, Some(&ids), &options, "g".into(), "p".into());
+        assert_eq!((by_pair.bootstrap, by_pair.conversations), ("pairs", 6));
+        assert_eq!(
+            (by_talk.bootstrap, by_talk.conversations),
+            ("conversations", 2)
+        );
+        let (p, c) = (by_pair.paired["text-none"], by_talk.paired["text-none"]);
+        assert_eq!(p.mean, c.mean, "the point estimate does not change");
+        assert!(c.hi - c.lo > p.hi - p.lo, "{p:?} vs {c:?}");
+        // A draw of whole conversations gives one of three means: all a,
+        // all b, or half and half.
+        for bound in [c.lo, c.hi] {
+            assert!(
+                [-0.4, 0.2, -0.1].iter().any(|m| (bound - m).abs() < 1e-9),
+                "{bound}"
+            );
+        }
     }
 }

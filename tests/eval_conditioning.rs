@@ -1,6 +1,7 @@
 //! `tofy eval-conditioning` on the real SmolLM2 GGUF: every mode and every
-//! paired difference is reported, and the NLLs are what the decoder's own
-//! `score` gives for the same prompts.
+//! paired difference is reported, the NLLs are what the decoder's own
+//! `score` gives for the same prompts, and the per-pair file adds up to the
+//! report.
 
 mod common;
 
@@ -10,7 +11,7 @@ use tofy::data::pairs::{self, Pair};
 use tofy::decoder::llama::LlamaDecoder;
 use tofy::decoder::{ChatMessage, Decoder, DecoderConfig, Role, ScoreRequest};
 use tofy::engine::{CondSettings, Engine, Steer};
-use tofy::eval_conditioning::{EvalMode, PAIRED};
+use tofy::eval_conditioning::{EvalMode, PAIRED, instruction_prompt};
 use tofy::projector::Projector;
 use tofy::world::{LoadOptions, WorldModel};
 
@@ -74,9 +75,39 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let control = Projector::load(&map).unwrap();
     assert_eq!(control.control_layers(), Some((8, 12)));
     assert_eq!((control.k(), control.n_embd()), (1, 576));
+    // A soft prompt: the weight 0, the bias the embedded projector's rows
+    // of the first context's vector (before their rescaling), so that
+    // every pair gets the rows `prefix` gives the first pair.
+    let world = WorldModel::load_default(&LoadOptions::default()).unwrap();
+    let first = world.condition(PAIRS[0].0).unwrap().vector;
+    let projector = Projector::embedded();
+    let (weight, bias) = projector.parameters();
+    let constant: Vec<f32> = bias
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            let w = &weight[r * projector.bridge_dim()..(r + 1) * projector.bridge_dim()];
+            b + w.iter().zip(&first).map(|(a, z)| a * z).sum::<f32>()
+        })
+        .collect();
+    let soft = Projector::from_parts(
+        vec![0.0; weight.len()],
+        constant,
+        projector.k(),
+        projector.n_embd(),
+        projector.bridge_dim(),
+        projector.row_norm(),
+        projector.gguf_name(),
+        "soft".into(),
+    );
+    let soft_file = dir.path().join("soft.safetensors");
+    soft.save(&soft_file, "test soft prompt").unwrap();
+    let per_pair = dir.path().join("per-pair.tsv");
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "8"])
         .args(["--json", "--parallel", "2", "--resamples", "200"])
+        .args(["--soft-prompt", soft_file.to_str().unwrap()])
+        .args(["--per-pair", per_pair.to_str().unwrap()])
         .args([
             "--control",
             map.to_str().unwrap(),
@@ -95,6 +126,15 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["n"], 8);
+    // No sidecar: the conversations are inferred from the order, and no two
+    // of these pairs chain.
+    assert_eq!(report["bootstrap"], "conversations");
+    assert_eq!(report["conversations"], 8);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no conversation sidecar"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for mode in EvalMode::ALL {
         let nll = report["modes"][mode.name()]["nll"].as_f64().unwrap();
         assert!(nll > 0.0 && nll.is_finite(), "{mode:?}: {nll}");
@@ -109,9 +149,26 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
         assert!(lo <= mean && mean <= hi, "{a:?}-{b:?}: {d}");
     }
 
-    // The same NLLs, scored directly: no message, and the projector's rows
-    // of each context's own world vector.
-    let world = WorldModel::load_default(&LoadOptions::default()).unwrap();
+    // The per-pair file: a line per pair and mode, adding up to the report.
+    let lines: Vec<Vec<String>> = std::fs::read_to_string(&per_pair)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect();
+    assert_eq!(lines[0], ["pair", "conversation", "mode", "nll", "tokens"]);
+    assert_eq!(lines.len(), 1 + 8 * EvalMode::ALL.len());
+    for mode in EvalMode::ALL {
+        let rows: Vec<&Vec<String>> = lines[1..].iter().filter(|l| l[2] == mode.name()).collect();
+        assert_eq!(rows.len(), 8, "{mode:?}");
+        let nll: f64 = rows.iter().map(|l| l[3].parse::<f64>().unwrap()).sum();
+        let tokens: usize = rows.iter().map(|l| l[4].parse::<usize>().unwrap()).sum();
+        let reported = report["modes"][mode.name()]["nll"].as_f64().unwrap();
+        assert!((nll / tokens as f64 - reported).abs() < 1e-5, "{mode:?}");
+    }
+
+    // The same NLLs, scored directly: no message, the instruction alone,
+    // the projector's rows of each context's own world vector, and the
+    // soft prompt's rows (those of the first context's vector).
     let vectors: Vec<Vec<f32>> = PAIRS
         .iter()
         .map(|(c, _)| world.condition(c).unwrap().vector)
@@ -135,6 +192,7 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let engine = Engine::new(world, Box::new(decoder), CondSettings::default(), None).unwrap();
     let projector = Projector::embedded();
     let (mut none, mut prefix, mut oracle, mut cvec, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0);
+    let (mut instruction, mut soft_prompt) = (0.0, 0.0);
     for (((context, reply), vector), reply_vector) in PAIRS.iter().zip(&vectors).zip(&oracles) {
         let steered = |prompt, control| ScoreRequest {
             prompt,
@@ -164,6 +222,35 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
             engine.decoder(),
             &request(engine.apply(&rows_of(reply_vector), user.clone())),
         );
+        let (s, _) = nll_of(
+            engine.decoder(),
+            &request(engine.apply(&rows_of(&vectors[0]), user.clone())),
+        );
+        let pair = Pair {
+            context: context.to_string(),
+            next: reply.to_string(),
+        };
+        let (i, _) = nll_of(engine.decoder(), &request(instruction_prompt(&pair)));
+        // The instruction's tokens are the prefix prompt's, rows taken out.
+        let without_rows: Vec<i32> = engine
+            .decoder()
+            .layout(&engine.apply(&rows_of(vector), user.clone()))
+            .unwrap()
+            .into_iter()
+            .flat_map(|segment| match segment {
+                tofy::decoder::Segment::Tokens(t) => t,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            engine
+                .decoder()
+                .prompt_tokens(&instruction_prompt(&pair))
+                .unwrap(),
+            without_rows
+        );
+        instruction += i;
+        soft_prompt += s;
         let (c, _) = nll_of(
             engine.decoder(),
             &steered(
@@ -183,6 +270,8 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     assert!((got("prefix") - prefix / tokens as f64).abs() < 1e-9);
     assert!((got("oracle_prefix") - oracle / tokens as f64).abs() < 1e-9);
     assert!((got("cvec") - cvec / tokens as f64).abs() < 1e-9);
+    assert!((got("instruction") - instruction / tokens as f64).abs() < 1e-9);
+    assert!((got("soft_prompt") - soft_prompt / tokens as f64).abs() < 1e-9);
     assert!(
         (got("cvec") - got("none")).abs() > 1e-4,
         "the vector changes the scores"
@@ -212,6 +301,17 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&small["modes"]), ["none", "oracle_prefix"]);
     assert_eq!(keys(&small["paired"]), ["oracle_prefix-none"]);
+
+    // The soft_prompt mode without a soft prompt: one clear line.
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+        .args(["--modes", "soft_prompt,none"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .output()
+        .unwrap();
+    let line = common::fails(out);
+    assert!(line.contains("--soft-prompt FILE"), "{line}");
 
     // Fewer than two pairs cannot be mismatched: one clear line.
     let one = dir.path().join("one.tsv");

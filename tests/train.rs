@@ -331,6 +331,32 @@ fn prepare_chitchat_on_a_synthetic_dataset() {
         lines, train_lines,
         "fit and valid make up the training file"
     );
+    // Each file's sidecar names every pair's conversation, and the order
+    // alone (chained pairs) gives the same grouping.
+    let held_ids = std::fs::read_to_string(dir.path().join("pairs.heldout.conversations")).unwrap();
+    assert_eq!(held_ids, "c19\nc19\n");
+    for name in [
+        "pairs.tsv",
+        "pairs.heldout.tsv",
+        "pairs.fit.tsv",
+        "pairs.valid.tsv",
+    ] {
+        let path = dir.path().join(name);
+        let pairs = tofy::data::pairs::read(&path).unwrap();
+        let kept = tofy::data::pairs::conversations(&path, &pairs).unwrap();
+        assert_eq!(kept.source, "sidecar");
+        assert_eq!(kept.ids.len(), pairs.len());
+        std::fs::rename(
+            tofy::data::pairs::conversations_path(&path),
+            dir.path().join("moved"),
+        )
+        .unwrap();
+        let chained = tofy::data::pairs::conversations(&path, &pairs).unwrap();
+        assert_eq!(chained.source, "chained");
+        let same_group =
+            |ids: &[String]| -> Vec<bool> { ids.windows(2).map(|w| w[0] == w[1]).collect() };
+        assert_eq!(same_group(&kept.ids), same_group(&chained.ids), "{name}");
+    }
 }
 
 #[test]

@@ -178,4 +178,27 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     assert_eq!((trained.k(), trained.n_embd()), (4, 576));
     assert_eq!(trained.row_norm(), init.row_norm());
     assert_ne!(trained.parameters().0, init.parameters().0);
+
+    // --bias-only: a soft prompt. The weight stays 0 through training, only
+    // the bias moves, and every vector gets the same rows.
+    let soft_file = dir.path().join("soft.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["train-projector", path.to_str().unwrap(), "--out"])
+        .arg(&soft_file)
+        .args(["--steps", "2", "--batch", "3", "--bias-only"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let soft = Projector::load(&soft_file).unwrap();
+    let (weight, bias) = soft.parameters();
+    assert!(weight.iter().all(|&w| w == 0.0), "the weight stays 0");
+    assert_ne!(bias, init.parameters().1);
+    let (a, b) = (
+        soft.project(vectors[0]).unwrap(),
+        soft.project(vectors[1]).unwrap(),
+    );
+    assert_eq!(a, b, "one set of rows for every vector");
 }

@@ -1,5 +1,7 @@
 //! `tofy eval-conditioning`: the decoder's NLL of held-out replies under
-//! each conditioning mode, with paired bootstrap intervals.
+//! each conditioning mode, with paired bootstrap intervals over the pairs'
+//! conversations (from the pairs file's `.conversations` sidecar, or
+//! inferred from its order), and optionally every pair's score per mode.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use crate::data::pairs;
 use crate::decoder::{self, DecoderConfig};
 use crate::engine::Engine;
 use crate::eval_conditioning::{self as ec, EvalOptions};
+use crate::projector::Projector;
 
 #[derive(Debug, Args)]
 pub struct EvalConditioningArgs {
@@ -35,7 +38,16 @@ pub struct EvalConditioningArgs {
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: u32,
-    /// Modes to score, comma-separated [default: all of them; the cvec modes with --control]. Paired
+    /// The soft prompt of the `soft_prompt` mode (made by `tofy train-projector --bias-only`).
+    #[arg(long, value_name = "FILE")]
+    soft_prompt: Option<PathBuf>,
+    /// Also write every pair's reply NLL (summed) and tokens under each mode, as TSV
+    /// (`pair conversation mode nll tokens`, `pair` the line's index in the pairs file), so
+    /// that two runs on the same sample can be paired offline.
+    #[arg(long, value_name = "FILE")]
+    per_pair: Option<PathBuf>,
+    /// Modes to score, comma-separated [default: all of them; the cvec modes with --control,
+    /// soft_prompt with --soft-prompt]. Paired
     /// differences are reported where both of their modes were scored.
     #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
     modes: Vec<ec::EvalMode>,
@@ -47,10 +59,26 @@ pub struct EvalConditioningArgs {
 }
 
 pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
+    // Checked before anything is read or printed: a bad invocation is one line.
+    if args.soft_prompt.is_none() && args.modes.iter().any(|m| m.needs_soft_prompt()) {
+        return Err(ec::EvalError::NoSoftPrompt.into());
+    }
     let all = pairs::read(&args.pairs)?;
-    let picked = ec::sample(&all, args.n as usize, args.seed);
-    if picked.len() < 2 {
-        return Err(ec::EvalError::TooFew(picked.len()).into());
+    let conversations = pairs::conversations(&args.pairs, &all)?;
+    let indices = ec::sample_indices(all.len(), args.n as usize, args.seed);
+    if indices.len() < 2 {
+        return Err(ec::EvalError::TooFew(indices.len()).into());
+    }
+    let picked: Vec<pairs::Pair> = indices.iter().map(|&i| all[i].clone()).collect();
+    let ids: Vec<String> = indices
+        .iter()
+        .map(|&i| conversations.ids[i].clone())
+        .collect();
+    if conversations.source == "chained" {
+        eprintln!(
+            "note: {} has no conversation sidecar; conversations are inferred from the file's order (chained turns); `make -B data` writes it",
+            args.pairs.display()
+        );
     }
     let world = args.world.load()?;
     let projector = args.decoder.projector()?;
@@ -73,10 +101,22 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     })?;
     // The cvec modes take the control map of --control (TOFY_CONTROL).
     let control = args.decoder.control()?;
+    let soft_prompt = match &args.soft_prompt {
+        Some(path) => {
+            let soft = Projector::load(path)?;
+            let width = decoder.input_width().with_context(|| {
+                "the soft_prompt mode needs the llama backend (embedding rows)".to_string()
+            })?;
+            soft.check_width(width, &config_model(decoder))?;
+            Some(soft)
+        }
+        None => None,
+    };
     let mut modes = if args.modes.is_empty() {
         ec::EvalMode::ALL
             .into_iter()
             .filter(|m| control.is_some() || !m.needs_control())
+            .filter(|m| soft_prompt.is_some() || !m.needs_soft_prompt())
             .collect()
     } else {
         args.modes.clone()
@@ -90,6 +130,7 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         parallel: args.parallel as usize,
         format: args.decoder.cond_format,
         control,
+        soft_prompt,
         progress: Some(|done, all| {
             // A line per tenth: the run takes minutes on a CPU.
             if done * 10 / all != (done - 1) * 10 / all {
@@ -104,8 +145,25 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         options.modes.len()
     );
     let scores = ec::score_pairs(&engine, &picked, &end_of_turn, &options)?;
+    if let Some(path) = &args.per_pair {
+        crate::data::write_atomic(path, |out| {
+            writeln!(out, "pair\tconversation\tmode\tnll\ttokens")?;
+            for ((index, id), score) in indices.iter().zip(&ids).zip(&scores) {
+                for (mode, nll) in &score.nll {
+                    writeln!(
+                        out,
+                        "{index}\t{id}\t{}\t{nll:.6}\t{}",
+                        mode.name(),
+                        score.tokens
+                    )?;
+                }
+            }
+            Ok(())
+        })?;
+    }
     let report = ec::report(
         &scores,
+        Some(&ids),
         &options,
         decoder
             .model_path()
@@ -122,11 +180,16 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{} pairs, {} reply tokens; decoder {}; projector {}",
+        "{} pairs from {} conversations, {} reply tokens; decoder {}; projector {}{}",
         report.n,
+        report.conversations,
         report.modes.values().next().map_or(0, |m| m.tokens),
         report.gguf,
-        report.projector
+        report.projector,
+        report
+            .soft_prompt
+            .as_ref()
+            .map_or_else(String::new, |s| format!("; soft prompt {s}"))
     )?;
     writeln!(out, "\n| mode | NLL per reply token |\n|---|---:|")?;
     for mode in &options.modes {
@@ -139,7 +202,12 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "\n| difference (negative: the first expects the reply more) | mean | 95% interval |\n|---|---:|---|"
+        "\n| difference (negative: the first expects the reply more) | mean | 95% interval ({} bootstrap) |\n|---|---:|---|",
+        if report.bootstrap == "conversations" {
+            "conversation"
+        } else {
+            "pair"
+        }
     )?;
     for (name, d) in &report.paired {
         writeln!(
@@ -149,4 +217,11 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The decoder's model file, for error messages.
+fn config_model(decoder: &dyn crate::decoder::Decoder) -> String {
+    decoder
+        .model_path()
+        .map_or_else(|| "(no model)".to_string(), |p| p.display().to_string())
 }

@@ -40,6 +40,12 @@ pub struct TrainProjectorArgs {
     #[arg(long, default_value_t = 192, value_name = "T",
           value_parser = clap::value_parser!(u32).range(8..=4096))]
     max_tokens: u32,
+    /// Train a soft prompt instead: the weight fixed at 0 and only the bias
+    /// trained, starting from the rows of the mean vector: one set of rows
+    /// for every prompt, the constant steer the world model must beat
+    /// (eval-conditioning's `soft_prompt` mode).
+    #[arg(long)]
+    bias_only: bool,
     /// Log the mean loss every this many steps (0: never).
     #[arg(long, default_value_t = 10, value_name = "N")]
     log_every: usize,
@@ -117,7 +123,17 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         agreement.max_reply,
         tp::MAX_REPLY_DISAGREEMENT
     );
-    let trainable = tp::TrainableProjector::new(&init)?;
+    let trainable = if args.bias_only {
+        let mut mean = vec![0.0f32; init.bridge_dim()];
+        for v in &vectors {
+            for (m, x) in mean.iter_mut().zip(v) {
+                *m += x / vectors.len() as f32;
+            }
+        }
+        tp::TrainableProjector::bias_only(&init, &mean)?
+    } else {
+        tp::TrainableProjector::new(&init)?
+    };
     let train_config = ProjectorTrainConfig {
         steps: args.steps,
         batch: args.batch as usize,
@@ -127,7 +143,12 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     };
     let report = tp::train(&scorer, &trainable, &examples, &train_config)?;
     let description = format!(
-        "trained by gradient through the frozen decoder: {} AdamW steps (lr {}, batch {}) on {} pairs of {} (seed {}), from {}",
+        "{} by gradient through the frozen decoder: {} AdamW steps (lr {}, batch {}) on {} pairs of {} (seed {}), from {}",
+        if args.bias_only {
+            "a soft prompt (weight 0, bias only; the rows of the mean vector at step 0) trained"
+        } else {
+            "trained"
+        },
         args.steps,
         args.lr,
         args.batch,

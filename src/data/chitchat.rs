@@ -12,6 +12,10 @@
 //! hyper-parameters without touching the held-out pairs: every
 //! [`VALID_EVERY`]th training conversation goes to `<name>.valid.tsv`, the
 //! rest to `<name>.fit.tsv` (so `fit` ∪ `valid` = the training file).
+//!
+//! Beside each pairs file, `<name>.conversations` holds each pair's
+//! conversation key (one per line), so that an evaluation can resample
+//! whole conversations: pairs of one dialogue are not independent.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -80,8 +84,11 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
         })?;
     let (mut train, mut heldout) = (Vec::new(), Vec::new());
     let (mut fit, mut valid) = (Vec::new(), Vec::new());
+    // Each split's conversation ids, one per pair (the sidecars).
+    let (mut train_ids, mut heldout_ids) = (Vec::new(), Vec::new());
+    let (mut fit_ids, mut valid_ids) = (Vec::new(), Vec::new());
     let mut training_conversations = 0;
-    for (i, conversation) in conversations.values().enumerate() {
+    for (i, (key, conversation)) in conversations.iter().enumerate() {
         let turns: Vec<String> = conversation
             .messages
             .iter()
@@ -98,19 +105,23 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
             context: w[0].clone(),
             next: w[1].clone(),
         });
+        let ids = || std::iter::repeat_n(key.clone(), turns.len().saturating_sub(1));
         if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
             heldout.extend(pairs);
+            heldout_ids.extend(ids());
             continue;
         }
         training_conversations += 1;
         let start = train.len();
         train.extend(pairs);
-        let split = if training_conversations % VALID_EVERY == 0 {
-            &mut valid
+        train_ids.extend(ids());
+        let (split, split_ids) = if training_conversations % VALID_EVERY == 0 {
+            (&mut valid, &mut valid_ids)
         } else {
-            &mut fit
+            (&mut fit, &mut fit_ids)
         };
         split.extend_from_slice(&train[start..]);
+        split_ids.extend(ids());
     }
     if train.is_empty() {
         return Err(DataError::Chitchat {
@@ -120,10 +131,15 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
     }
     let heldout_path = heldout_path(out);
     let (fit_path, valid_path) = (split_path(out, "fit"), split_path(out, "valid"));
-    pairs::write(out, &train)?;
-    pairs::write(&heldout_path, &heldout)?;
-    pairs::write(&fit_path, &fit)?;
-    pairs::write(&valid_path, &valid)?;
+    for (path, split, ids) in [
+        (out, &train, &train_ids),
+        (heldout_path.as_path(), &heldout, &heldout_ids),
+        (fit_path.as_path(), &fit, &fit_ids),
+        (valid_path.as_path(), &valid, &valid_ids),
+    ] {
+        pairs::write(path, split)?;
+        pairs::write_conversations(path, ids)?;
+    }
     Ok(Prepared {
         train_path: out.to_path_buf(),
         heldout_path,

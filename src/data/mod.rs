@@ -26,6 +26,14 @@ pub enum DataError {
     #[error("{}: no valid `context<TAB>next_turn` line (empty lines and lines with an empty side are skipped)", path.display())]
     NoPairs { path: PathBuf },
 
+    /// A conversation sidecar that does not match its pairs file.
+    #[error("{}: {ids} conversation ids for {pairs} pairs; regenerate it with `tofy prepare-chitchat` (or delete it: the ids are then inferred)", path.display())]
+    Sidecar {
+        path: PathBuf,
+        ids: usize,
+        pairs: usize,
+    },
+
     /// The chitchat dataset is not in the expected shape.
     #[error("{}: not a chitchat dataset.json: {reason}", path.display())]
     Chitchat { path: PathBuf, reason: String },

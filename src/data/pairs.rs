@@ -1,7 +1,9 @@
 //! Pairs files: one `context<TAB>next_turn` (or `context|||next_turn`) per
-//! line, the training and evaluation data of the world model.
+//! line, the training and evaluation data of the world model; and their
+//! conversation sidecars (`NAME.conversations`, one conversation id per
+//! pair), which let an evaluation resample whole conversations.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{DataError, write_atomic};
 
@@ -52,6 +54,68 @@ pub fn write(path: &Path, pairs: &[Pair]) -> Result<(), DataError> {
             writeln!(out, "{}\t{}", one_line(&p.context), one_line(&p.next))?;
         }
         Ok(())
+    })
+}
+
+/// Where the conversation ids of the pairs in `path` are kept: the same
+/// name with the extension `.conversations`.
+pub fn conversations_path(path: &Path) -> PathBuf {
+    path.with_extension("conversations")
+}
+
+/// Writes the conversation id of each pair of `path`, one per line, to its
+/// sidecar (`conversations_path`).
+pub fn write_conversations(path: &Path, ids: &[String]) -> Result<(), DataError> {
+    write_atomic(&conversations_path(path), |out| {
+        for id in ids {
+            writeln!(out, "{}", one_line(id))?;
+        }
+        Ok(())
+    })
+}
+
+/// Which conversation each pair comes from, and how that was known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversations {
+    /// One id per pair, in the file's order.
+    pub ids: Vec<String>,
+    /// `sidecar`, or `chained` (inferred: see [`conversations`]).
+    pub source: &'static str,
+}
+
+/// The conversation of each of `pairs` (as read from `path`): from the
+/// sidecar when there is one (an error unless it has one id per pair), else
+/// inferred from the order that `prepare-chitchat` writes, where each
+/// conversation's pairs are consecutive and chained (a pair's context is
+/// the previous pair's reply).
+pub fn conversations(path: &Path, pairs: &[Pair]) -> Result<Conversations, DataError> {
+    let sidecar = conversations_path(path);
+    if sidecar.exists() {
+        let text = std::fs::read_to_string(&sidecar).map_err(|e| DataError::io(&sidecar, e))?;
+        let ids: Vec<String> = text.lines().map(str::to_string).collect();
+        if ids.len() != pairs.len() {
+            return Err(DataError::Sidecar {
+                path: sidecar,
+                ids: ids.len(),
+                pairs: pairs.len(),
+            });
+        }
+        return Ok(Conversations {
+            ids,
+            source: "sidecar",
+        });
+    }
+    let mut ids = Vec::with_capacity(pairs.len());
+    let mut id = 0usize;
+    for (k, pair) in pairs.iter().enumerate() {
+        if k > 0 && pairs[k - 1].next != pair.context {
+            id += 1;
+        }
+        ids.push(format!("chain-{id}"));
+    }
+    Ok(Conversations {
+        ids,
+        source: "chained",
     })
 }
 

@@ -347,7 +347,6 @@ impl Engine {
         }
     }
 
-    /// Runs one turn, streaming the reply into `sink`.
     /// Stops the native threads (the llama.cpp worker first, then the
     /// world model's), each within `within`: see [`Decoder::shutdown`].
     /// After an error something still runs, and the process must leave
@@ -363,6 +362,7 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs one turn, streaming the reply into `sink`.
     pub fn infer(
         &self,
         request: &AgentRequest,

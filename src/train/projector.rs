@@ -209,6 +209,9 @@ pub struct TrainableProjector {
     weight: Var,
     bias: Var,
     template: Projector,
+    /// The weight stays 0 and only the bias trains: a soft prompt, the same
+    /// rows for every vector (the constant baseline the world model must beat).
+    bias_only: bool,
 }
 
 impl TrainableProjector {
@@ -220,6 +223,31 @@ impl TrainableProjector {
             weight: Var::from_vec(weight.to_vec(), (rows, init.bridge_dim()), &Device::Cpu)?,
             bias: Var::from_vec(bias.to_vec(), rows, &Device::Cpu)?,
             template: init.clone(),
+            bias_only: false,
+        })
+    }
+
+    /// A soft prompt: the weight fixed at 0, the bias starting at `init`'s
+    /// rows of `mean` (before their rescaling), so that step 0 gives the rows
+    /// of the mean vector (`mean_prefix`), and only the bias trains.
+    pub fn bias_only(init: &Projector, mean: &[f32]) -> candle_core::Result<Self> {
+        let (weight, bias) = init.parameters();
+        let rows = init.k() * init.n_embd();
+        let start: Vec<f32> = (0..rows)
+            .map(|r| {
+                let w = &weight[r * init.bridge_dim()..(r + 1) * init.bridge_dim()];
+                bias[r] + w.iter().zip(mean).map(|(a, z)| a * z).sum::<f32>()
+            })
+            .collect();
+        Ok(Self {
+            weight: Var::from_vec(
+                vec![0.0f32; rows * init.bridge_dim()],
+                (rows, init.bridge_dim()),
+                &Device::Cpu,
+            )?,
+            bias: Var::from_vec(start, rows, &Device::Cpu)?,
+            template: init.clone(),
+            bias_only: true,
         })
     }
 
@@ -242,8 +270,13 @@ impl TrainableProjector {
         }
     }
 
+    /// What the optimiser moves.
     pub fn vars(&self) -> Vec<Var> {
-        vec![self.weight.clone(), self.bias.clone()]
+        if self.bias_only {
+            vec![self.bias.clone()]
+        } else {
+            vec![self.weight.clone(), self.bias.clone()]
+        }
     }
 
     /// The current parameters as a projector (`source` names it).
