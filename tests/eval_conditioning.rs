@@ -278,9 +278,11 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     );
 
     // --modes scores only those, and reports only the differences of two
-    // scored modes.
+    // scored modes; --skip 6 takes the last two pairs of the seed's draw.
+    let fresh = dir.path().join("fresh.tsv");
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+        .args(["--skip", "6", "--per-pair", fresh.to_str().unwrap()])
         .args([
             "--json",
             "--resamples",
@@ -301,6 +303,17 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&small["modes"]), ["none", "oracle_prefix"]);
     assert_eq!(keys(&small["paired"]), ["oracle_prefix-none"]);
+    let order = |file: &std::path::Path| {
+        let mut seen: Vec<String> = Vec::new();
+        for line in std::fs::read_to_string(file).unwrap().lines().skip(1) {
+            let pair = line.split('\t').next().unwrap().to_string();
+            if !seen.contains(&pair) {
+                seen.push(pair);
+            }
+        }
+        seen
+    };
+    assert_eq!(order(&fresh), order(&per_pair)[6..]);
 
     // The soft_prompt mode without a soft prompt: one clear line.
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))

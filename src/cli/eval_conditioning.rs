@@ -27,6 +27,10 @@ pub struct EvalConditioningArgs {
     #[arg(long, default_value_t = 200, value_name = "N",
           value_parser = clap::value_parser!(u32).range(2..))]
     n: u32,
+    /// Leave out the first N pairs of the seed's draw: those that earlier reads of the same
+    /// file took (the ledger in docs/conditioning.md), so that a new read scores fresh pairs.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    skip: u32,
     /// Seed of the pair sample, the mismatched pairing and the bootstrap.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
@@ -65,7 +69,11 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     }
     let all = pairs::read(&args.pairs)?;
     let conversations = pairs::conversations(&args.pairs, &all)?;
-    let indices = ec::sample_indices(all.len(), args.n as usize, args.seed);
+    let skip = args.skip as usize;
+    let indices: Vec<usize> = ec::sample_indices(all.len(), skip + args.n as usize, args.seed)
+        .into_iter()
+        .skip(skip)
+        .collect();
     if indices.len() < 2 {
         return Err(ec::EvalError::TooFew(indices.len()).into());
     }
