@@ -18,11 +18,17 @@ use crate::world::{Encoded, Result, WorldModel, encode};
 /// Candidates per retrieval query, the true one included.
 pub const RETRIEVAL_CANDIDATES: usize = 100;
 
-/// Mean cosine similarity and mean L2 distance of predictions to targets.
+/// Mean cosine similarity and mean L2 distance of predictions to targets,
+/// and the share of the targets' variance the predictions explain.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Scores {
     pub cosine: f64,
     pub l2: f64,
+    /// 1 − Σ‖target − prediction‖² / Σ‖target − mean target‖²: 1 for a
+    /// perfect prediction, 0 for the mean baseline, below 0 for a
+    /// prediction worse than the mean. Uncalibrated: a prediction of the
+    /// right direction at the wrong scale scores low.
+    pub r2: f64,
 }
 
 /// Share of queries whose true next turn ranks first / in the first five.
@@ -118,19 +124,33 @@ fn cosine(a: ArrayView1<f32>, b: ArrayView1<f32>) -> f64 {
 
 fn scores(predicted: &Array2<f32>, target: &Array2<f32>) -> Scores {
     let n = target.nrows().max(1) as f64;
-    let (mut cos, mut l2) = (0.0, 0.0);
+    let mean = target.mapv(f64::from).mean_axis(Axis(0));
+    let (mut cos, mut l2, mut residual, mut total) = (0.0, 0.0, 0.0, 0.0);
     for (p, t) in predicted.outer_iter().zip(target.outer_iter()) {
         cos += cosine(p, t);
-        l2 += p
+        let squared: f64 = p
             .iter()
             .zip(t)
             .map(|(&a, &b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
+            .sum();
+        l2 += squared.sqrt();
+        residual += squared;
+        if let Some(mean) = &mean {
+            total += t
+                .iter()
+                .zip(mean)
+                .map(|(&v, &m)| (f64::from(v) - m).powi(2))
+                .sum::<f64>();
+        }
     }
     Scores {
         cosine: cos / n,
         l2: l2 / n,
+        r2: if total > 0.0 {
+            1.0 - residual / total
+        } else {
+            0.0
+        },
     }
 }
 

@@ -381,6 +381,14 @@ fn eval_world_scores_against_baselines() {
     let r = tofy::eval::evaluate(&model, &model, &same, 1000).unwrap();
     assert_eq!((r.pairs, r.candidates), (30, 30));
     assert!((r.copy_baseline.cosine - 1.0).abs() < 1e-6 && r.copy_baseline.l2 < 1e-5);
+    // R²: 1 for the perfect copy, 0 for the mean by construction.
+    assert!(
+        (r.copy_baseline.r2 - 1.0).abs() < 1e-6,
+        "{}",
+        r.copy_baseline.r2
+    );
+    assert!(r.mean_baseline.r2.abs() < 1e-6, "{}", r.mean_baseline.r2);
+    assert!(r.transition.r2 <= 1.0);
     assert_eq!(r.retrieval_copy.top1, 1.0);
     assert!((r.retrieval_chance.top1 - 1.0 / 30.0).abs() < 1e-12);
     assert!(r.effective_rank >= 1.0 && r.effective_rank <= 32.0);

@@ -243,10 +243,10 @@ fn teacher_beside(model: &std::path::Path) -> Option<PathBuf> {
 pub fn render(r: &EvalReport) -> String {
     format!(
         "held-out pairs: {}\n\
-         next-turn latent        cosine    L2\n\
-         \x20 transition (model)   {:>7.4}  {:>7.4}\n\
-         \x20 copy baseline        {:>7.4}  {:>7.4}\n\
-         \x20 mean baseline        {:>7.4}  {:>7.4}\n\
+         next-turn latent        cosine    L2        R²\n\
+         \x20 transition (model)   {:>7.4}  {:>7.4}  {:>7.4}\n\
+         \x20 copy baseline        {:>7.4}  {:>7.4}  {:>7.4}\n\
+         \x20 mean baseline        {:>7.4}  {:>7.4}  {:>7.4}\n\
          latents: per-dim std mean {:.4}, min {:.4}; effective rank {:.1} of {}\n\
          retrieval of the true next turn among {}   top-1    top-5\n\
          \x20 model                {:>7.3}  {:>7.3}\n\
@@ -255,10 +255,13 @@ pub fn render(r: &EvalReport) -> String {
         r.pairs,
         r.transition.cosine,
         r.transition.l2,
+        r.transition.r2,
         r.copy_baseline.cosine,
         r.copy_baseline.l2,
+        r.copy_baseline.r2,
         r.mean_baseline.cosine,
         r.mean_baseline.l2,
+        r.mean_baseline.r2,
         r.latent_std_mean,
         r.latent_std_min,
         r.effective_rank,
