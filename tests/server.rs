@@ -7,7 +7,7 @@ mod common;
 
 use common::server::{Server, chat, events, stream_text, with};
 
-use std::io::BufRead;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -252,22 +252,20 @@ fn a_replica_names_itself_and_drains_on_sigterm() {
     server.wait_for_log(&["drained; stopping"]);
 }
 
-#[test]
-fn a_drain_that_outlasts_its_timeout_still_exits_0() {
-    let mut server = Server::start(&["--drain-timeout", "1"], &[]);
+/// A 3000-token stream that never ends by itself, its first line read.
+fn endless_stream(server: &Server) -> BufReader<impl Read + use<>> {
     let endless = with(chat("Count to one thousand.", 3000), "stream", json!(true));
-    let endless = with(endless, "ignore_eos", json!(true));
-    let mut endless = server.open_stream("/v1/chat/completions", &endless);
+    let mut endless = server.open_stream(
+        "/v1/chat/completions",
+        &with(endless, "ignore_eos", json!(true)),
+    );
     let mut line = String::new();
     endless.read_line(&mut line).unwrap();
-    sigterm(&server);
-    let status = server.exit_status();
-    assert!(status.success(), "{status}");
-    server.wait_for_log(&["drain timeout passed", "left=1"]);
-    // Cut: the body ends (or errors) with no [DONE].
-    let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
-    assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
-    // The worker stopped within its bound: no `_exit` was needed.
+    endless
+}
+
+/// The worker stopped within its bound: no `_exit` was needed.
+fn assert_stopped_within_bounds(server: &Server) {
     assert!(
         !server.log().iter().any(|l| l.contains("without cleanup")),
         "{:?}",
@@ -276,13 +274,23 @@ fn a_drain_that_outlasts_its_timeout_still_exits_0() {
 }
 
 #[test]
+fn a_drain_that_outlasts_its_timeout_still_exits_0() {
+    let mut server = Server::start(&["--drain-timeout", "1"], &[]);
+    let endless = endless_stream(&server);
+    sigterm(&server);
+    let status = server.exit_status();
+    assert!(status.success(), "{status}");
+    server.wait_for_log(&["drain timeout passed", "left=1"]);
+    // Cut: the body ends (or errors) with no [DONE].
+    let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
+    assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
+    assert_stopped_within_bounds(&server);
+}
+
+#[test]
 fn a_second_signal_mid_drain_stops_at_once_and_cleanly() {
     let mut server = Server::start(&["--drain-timeout", "600"], &[]);
-    let endless = with(chat("Count to one thousand.", 3000), "stream", json!(true));
-    let endless = with(endless, "ignore_eos", json!(true));
-    let mut endless = server.open_stream("/v1/chat/completions", &endless);
-    let mut line = String::new();
-    endless.read_line(&mut line).unwrap();
+    let endless = endless_stream(&server);
     sigterm(&server);
     server.wait_for_log(&["draining", "SIGTERM"]);
     // Still draining: the endless stream keeps it up for ten minutes.
@@ -291,11 +299,7 @@ fn a_second_signal_mid_drain_stops_at_once_and_cleanly() {
     let status = server.exit_status();
     assert!(status.success(), "{status}");
     server.wait_for_log(&["second signal", "SIGINT"]);
-    assert!(
-        !server.log().iter().any(|l| l.contains("without cleanup")),
-        "the worker must stop within its bound: {:?}",
-        server.log()
-    );
+    assert_stopped_within_bounds(&server);
     let lines: Vec<String> = endless.lines().map_while(Result::ok).collect();
     assert!(!lines.iter().any(|l| l == "data: [DONE]"), "{lines:?}");
 }
