@@ -224,6 +224,18 @@ pub fn context_vectors(world: &WorldModel, pairs: &[Pair]) -> Result<Vec<Vec<f32
         .collect())
 }
 
+/// The mean of `vectors` (all of one width): `mean_prefix`'s vector, and
+/// where a soft prompt starts.
+pub fn mean_vector(vectors: &[Vec<f32>]) -> Vec<f32> {
+    let mut mean = vec![0.0f32; vectors.first().map_or(0, Vec::len)];
+    for v in vectors {
+        for (m, x) in mean.iter_mut().zip(v) {
+            *m += x / vectors.len() as f32;
+        }
+    }
+    mean
+}
+
 /// A permutation of `0..n` with no fixed point (for n >= 2): each pair gets
 /// another pair's vector.
 pub fn derangement(n: usize, seed: u64) -> Vec<usize> {
@@ -310,11 +322,11 @@ fn steer(
             EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
             EvalMode::MeanPrefix => prefix(ctx.mean)?,
             EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
-            // Instruction is laid out by `prompt` with no steer.
-            EvalMode::Instruction => none(),
-            EvalMode::Cvec | EvalMode::MismatchedCvec | EvalMode::SoftPrompt => {
-                unreachable!("returned above")
-            }
+            // Instruction has no steer: `score_pair` lays it out itself.
+            EvalMode::Instruction
+            | EvalMode::Cvec
+            | EvalMode::MismatchedCvec
+            | EvalMode::SoftPrompt => unreachable!("handled before or above"),
         },
         None,
     ))
@@ -412,13 +424,7 @@ pub fn score_pairs(
         _ => None,
     };
     let vectors = context_vectors(engine.world(), pairs).map_err(EngineError::from)?;
-    let width = vectors[0].len();
-    let mut mean = vec![0.0f32; width];
-    for v in &vectors {
-        for (m, x) in mean.iter_mut().zip(v) {
-            *m += x / vectors.len() as f32;
-        }
-    }
+    let mean = mean_vector(&vectors);
     let oracle: Vec<Vec<f32>> = if options.modes.contains(&EvalMode::OraclePrefix) {
         let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
         engine

@@ -161,17 +161,23 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.tsv");
     pairs::write(&path, &pairs()).unwrap();
+    // Two steps of 3 pairs into `out`; its stderr, after checking it succeeded.
+    let train = |out: &Path, extra: &[&str]| {
+        let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
+            .args(["train-projector", path.to_str().unwrap(), "--out"])
+            .arg(out)
+            .args(["--steps", "2", "--batch", "3"])
+            .args(extra)
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .env("JEPA_DECODER_THREADS", "2")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        stderr
+    };
     let out = dir.path().join("trained.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["train-projector", path.to_str().unwrap(), "--out"])
-        .arg(&out)
-        .args(["--steps", "2", "--batch", "3", "--log-every", "1"])
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .env("JEPA_DECODER_THREADS", "2")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let stderr = train(&out, &["--log-every", "1"]);
     assert!(stderr.contains("step 2/2: loss"), "{stderr}");
     assert!(stderr.contains("the frozen model vs llama.cpp"), "{stderr}");
     let trained = Projector::load(&out).unwrap();
@@ -182,16 +188,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     // --bias-only: a soft prompt. The weight stays 0 through training, only
     // the bias moves, and every vector gets the same rows.
     let soft_file = dir.path().join("soft.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["train-projector", path.to_str().unwrap(), "--out"])
-        .arg(&soft_file)
-        .args(["--steps", "2", "--batch", "3", "--bias-only"])
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .env("JEPA_DECODER_THREADS", "2")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    train(&soft_file, &["--bias-only"]);
     let soft = Projector::load(&soft_file).unwrap();
     let (weight, bias) = soft.parameters();
     assert!(weight.iter().all(|&w| w == 0.0), "the weight stays 0");

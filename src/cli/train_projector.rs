@@ -124,13 +124,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         tp::MAX_REPLY_DISAGREEMENT
     );
     let trainable = if args.bias_only {
-        let mut mean = vec![0.0f32; init.bridge_dim()];
-        for v in &vectors {
-            for (m, x) in mean.iter_mut().zip(v) {
-                *m += x / vectors.len() as f32;
-            }
-        }
-        tp::TrainableProjector::bias_only(&init, &mean)?
+        tp::TrainableProjector::bias_only(&init, &crate::eval_conditioning::mean_vector(&vectors))?
     } else {
         tp::TrainableProjector::new(&init)?
     };
