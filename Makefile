@@ -17,9 +17,11 @@ DEMO_TOKENS ?= 256
 DEMO_MODE ?= $(or $(JEPA_DECODER_COND_MODE),prefix)
 CHITCHAT := data/chitchat/chitchat_dataset/dataset.json
 PAIRS    := data/chitchat_pairs.tsv
+CHATTERBOT := data/chatterbot/chatterbot_corpus/data/english
+OOD_PAIRS  := data/chatterbot_pairs.tsv
 GGUF     := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test cuda fuzz soak cluster-check setup clients build models bench bench-decoder bench-server fixture data world-model projector trained-projector control placeholder-projector help
+.PHONY: demo test cuda fuzz soak cluster-check setup clients build models bench bench-decoder bench-server fixture data data-ood world-model projector trained-projector control placeholder-projector help
 
 ## demo: build, fetch the default GGUF, and let the embedded world model steer SmolLM2's reply
 demo: setup build models
@@ -77,7 +79,8 @@ bench: setup
 	$(CARGO) bench --locked $(FEATURES)
 
 ## data: fetch the chitchat corpus (PyPI chitchat-dataset, MIT) and write the pairs files
-##       (training, .heldout, and the training pairs again as .fit + .valid)
+##       (training, .heldout, and the training pairs again as .fit + .valid; beside each, its
+##       .conversations sidecar and its .history.tsv twin with the conversation so far as the context)
 data: $(PAIRS)
 $(CHITCHAT):
 	mkdir -p data/chitchat
@@ -85,6 +88,16 @@ $(CHITCHAT):
 	cd data/chitchat && python3 -m zipfile -e chitchat_dataset-0.9.0-py3-none-any.whl .
 $(PAIRS): $(CHITCHAT) build
 	$(TOFY) prepare-chitchat $(PAIRS) --dataset $(CHITCHAT)
+
+## data-ood: the out-of-domain held-out pairs (PyPI chatterbot-corpus, BSD-3-Clause: short exchanges
+##       with a bot, 21 topic files) in data/chatterbot_pairs.tsv, with its sidecar and .history.tsv twin
+data-ood: $(OOD_PAIRS)
+$(CHATTERBOT):
+	mkdir -p data/chatterbot
+	python3 -m pip download --quiet --no-deps chatterbot-corpus==1.3.3 -d data/chatterbot
+	cd data/chatterbot && python3 -m zipfile -e chatterbot_corpus-1.3.3-py2.py3-none-any.whl .
+$(OOD_PAIRS): $(CHATTERBOT) build
+	$(TOFY) prepare-chatterbot $(OOD_PAIRS) --corpus $(CHATTERBOT)
 
 ## world-model: retrain the embedded default (models/world/README.md) and score it
 world-model: data

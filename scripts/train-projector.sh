@@ -21,9 +21,10 @@ tofy=target/release/tofy
 out=target/projector-train
 [ -f data/chitchat_pairs.fit.tsv ] || { echo "no data/chitchat_pairs.fit.tsv: run 'make data' first" >&2; exit 1; }
 mkdir -p "$out"
-# It starts from the ridge fit (`make projector`), not from the embedded default it produced.
+# It starts from the ridge fit (`make projector`), not from the embedded default it produced, and
+# keeps its weight (--keep-weight: the recipe before issue 24's rung 1).
 "$tofy" train-projector data/chitchat_pairs.fit.tsv --n "$n" --steps "$steps" --batch 8 --lr "$lr" \
-    --seed 0 --log-every 10 --projector models/projector/smollm2-135m-fitted.safetensors \
+    --seed 0 --log-every 10 --projector models/projector/smollm2-135m-fitted.safetensors --keep-weight \
     --out "$out/trained.safetensors" 2>&1 | tee "$out/train.log"
 "$tofy" eval-conditioning data/chitchat_pairs.valid.tsv --n 120 --seed 0 \
     --modes none,prefix,mismatched_prefix,mean_prefix,oracle_prefix \

@@ -63,6 +63,13 @@ pub enum EvalMode {
     /// perfect transition would predict, an upper bound on what the channel
     /// carries (it reads the answer, so it is never a mode to serve).
     OraclePrefix,
+    /// The oracle projector's rows (`--oracle-projector`, trained with
+    /// `train-projector --vectors oracle`) of `bridge(encoder(true reply))`:
+    /// what a perfect prediction gives through K rows, the channel's
+    /// capacity (it reads the answer).
+    Oracle,
+    /// The oracle projector's rows of another pair's reply latent.
+    MismatchedOracle,
     /// No message; the control map's vector of the pair's own world vector
     /// added to the residual stream (`--control`).
     Cvec,
@@ -71,7 +78,7 @@ pub enum EvalMode {
 }
 
 impl EvalMode {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::None,
         Self::Instruction,
         Self::Text,
@@ -81,6 +88,8 @@ impl EvalMode {
         Self::MeanPrefix,
         Self::SoftPrompt,
         Self::OraclePrefix,
+        Self::Oracle,
+        Self::MismatchedOracle,
         Self::Cvec,
         Self::MismatchedCvec,
     ];
@@ -95,6 +104,19 @@ impl EvalMode {
         self == Self::SoftPrompt
     }
 
+    /// Whether the mode needs an oracle projector (`--oracle-projector`).
+    pub fn needs_oracle_projector(self) -> bool {
+        matches!(self, Self::Oracle | Self::MismatchedOracle)
+    }
+
+    /// Whether the mode reads the true reply's latent.
+    fn reads_reply(self) -> bool {
+        matches!(
+            self,
+            Self::OraclePrefix | Self::Oracle | Self::MismatchedOracle
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -106,6 +128,8 @@ impl EvalMode {
             Self::MeanPrefix => "mean_prefix",
             Self::SoftPrompt => "soft_prompt",
             Self::OraclePrefix => "oracle_prefix",
+            Self::Oracle => "oracle",
+            Self::MismatchedOracle => "mismatched_oracle",
             Self::Cvec => "cvec",
             Self::MismatchedCvec => "mismatched_cvec",
         }
@@ -114,7 +138,7 @@ impl EvalMode {
 
 /// The differences reported, `a - b`: negative means `a` expects the true
 /// reply more. Only those whose two modes were both scored are reported.
-pub const PAIRED: [(EvalMode, EvalMode); 15] = [
+pub const PAIRED: [(EvalMode, EvalMode); 19] = [
     (EvalMode::Prefix, EvalMode::None),
     (EvalMode::Prefix, EvalMode::MismatchedPrefix),
     (EvalMode::Prefix, EvalMode::MeanPrefix),
@@ -128,6 +152,10 @@ pub const PAIRED: [(EvalMode, EvalMode); 15] = [
     (EvalMode::Text, EvalMode::MismatchedText),
     (EvalMode::OraclePrefix, EvalMode::None),
     (EvalMode::OraclePrefix, EvalMode::MismatchedPrefix),
+    (EvalMode::Oracle, EvalMode::SoftPrompt),
+    (EvalMode::Oracle, EvalMode::MismatchedOracle),
+    (EvalMode::Oracle, EvalMode::None),
+    (EvalMode::Prefix, EvalMode::Oracle),
     (EvalMode::Cvec, EvalMode::None),
     (EvalMode::Cvec, EvalMode::MismatchedCvec),
 ];
@@ -153,6 +181,12 @@ pub struct EvalOptions {
     /// of the zero vector (its constant part; all of it for one trained
     /// with `--bias-only`) are used for every pair.
     pub soft_prompt: Option<Projector>,
+    /// The projector of the `oracle` modes (trained on reply latents).
+    pub oracle_projector: Option<Projector>,
+    /// What the world model reads for each pair, in the pairs' order, in
+    /// place of the pair's context (the conversation so far; the decoder's
+    /// user turn stays the pair's context).
+    pub world_contexts: Option<Vec<String>>,
     /// Called with (pairs scored, pairs) after each pair.
     pub progress: Option<fn(usize, usize)>,
 }
@@ -179,6 +213,13 @@ pub struct EvalReport {
     pub projector: String,
     /// The soft prompt's file, when the `soft_prompt` mode was scored.
     pub soft_prompt: Option<String>,
+    /// The oracle projector's file, when the `oracle` modes were scored.
+    pub oracle_projector: Option<String>,
+    /// `(soft_prompt - prefix) / (soft_prompt - oracle)`: the fraction of
+    /// what a perfect prediction adds over the best constant that the world
+    /// model's prediction reaches, when all three were scored (the interval
+    /// from the same resamples; wide when the denominator is near 0).
+    pub capacity_reached: Option<Interval>,
     /// What the bootstrap resamples: `conversations` or `pairs`.
     pub bootstrap: &'static str,
     /// The conversations the pairs come from (= `n` for `pairs`).
@@ -217,8 +258,17 @@ pub fn sample_indices(len: usize, n: usize, seed: u64) -> Vec<usize> {
 /// batched pass).
 pub fn context_vectors(world: &WorldModel, pairs: &[Pair]) -> Result<Vec<Vec<f32>>, WorldError> {
     let contexts: Vec<&str> = pairs.iter().map(|p| p.context.as_str()).collect();
+    world_vectors(world, &contexts)
+}
+
+/// The world model's conditioning vector of each text (one batched pass).
+pub fn world_vectors<S: AsRef<str>>(
+    world: &WorldModel,
+    texts: &[S],
+) -> Result<Vec<Vec<f32>>, WorldError> {
+    let texts: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
     Ok(world
-        .condition_batch(&contexts)?
+        .condition_batch(&texts)?
         .into_iter()
         .map(|c| c.vector)
         .collect())
@@ -281,6 +331,17 @@ fn steer(
             world_time: Default::default(),
         })
     };
+    let oracle = |v: &[f32]| -> Result<Steer, EvalError> {
+        let projector = ctx.oracle_projector.ok_or(EvalError::NoOracleProjector)?;
+        Ok(Steer {
+            mode: CondMode::Prefix,
+            format: ctx.format,
+            conditioning: None,
+            rows: Some(projector.project(v)?),
+            control: None,
+            world_time: Default::default(),
+        })
+    };
     let none = || Steer {
         mode: CondMode::None,
         format: ctx.format,
@@ -322,6 +383,8 @@ fn steer(
             EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
             EvalMode::MeanPrefix => prefix(ctx.mean)?,
             EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
+            EvalMode::Oracle => oracle(&ctx.oracle[i])?,
+            EvalMode::MismatchedOracle => oracle(&ctx.oracle[ctx.other[i]])?,
             // Instruction has no steer: `score_pair` lays it out itself.
             EvalMode::Instruction
             | EvalMode::Cvec
@@ -344,6 +407,7 @@ struct Steers<'a> {
     control: Option<&'a (Projector, f32)>,
     /// The soft prompt's rows, the same for every pair.
     soft_rows: Option<&'a Embeddings>,
+    oracle_projector: Option<&'a Projector>,
 }
 
 /// The chat prompt and continuation that pair `pair` is scored with under
@@ -393,6 +457,10 @@ pub enum EvalError {
     )]
     NoSoftPrompt,
     #[error(
+        "the oracle modes need an oracle projector: pass --oracle-projector FILE (made by `tofy train-projector --vectors oracle`)"
+    )]
+    NoOracleProjector,
+    #[error(
         "pair {pair}: the reply was {a} tokens under one mode and {b} under another; the modes cannot be compared"
     )]
     TokenMismatch { pair: usize, a: usize, b: usize },
@@ -423,9 +491,21 @@ pub fn score_pairs(
         }
         _ => None,
     };
-    let vectors = context_vectors(engine.world(), pairs).map_err(EngineError::from)?;
+    if options.oracle_projector.is_none()
+        && options.modes.iter().any(|m| m.needs_oracle_projector())
+    {
+        return Err(EvalError::NoOracleProjector);
+    }
+    let vectors = match &options.world_contexts {
+        Some(contexts) => {
+            assert_eq!(contexts.len(), pairs.len(), "one world context per pair");
+            world_vectors(engine.world(), contexts)
+        }
+        None => context_vectors(engine.world(), pairs),
+    }
+    .map_err(EngineError::from)?;
     let mean = mean_vector(&vectors);
-    let oracle: Vec<Vec<f32>> = if options.modes.contains(&EvalMode::OraclePrefix) {
+    let oracle: Vec<Vec<f32>> = if options.modes.iter().any(|m| m.reads_reply()) {
         let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
         engine
             .world()
@@ -448,6 +528,7 @@ pub fn score_pairs(
         format: options.format,
         control: options.control.as_ref(),
         soft_rows: soft_rows.as_ref(),
+        oracle_projector: options.oracle_projector.as_ref(),
     };
     let results: Mutex<Vec<Option<PairScores>>> = Mutex::new(vec![None; pairs.len()]);
     let next = AtomicUsize::new(0);
@@ -606,28 +687,43 @@ pub fn report(
             let mean = diff(&mut (0..scores.len()));
             let mut boot: Vec<f64> = draws.iter().map(|d| diff(&mut d.iter().copied())).collect();
             boot.sort_by(f64::total_cmp);
-            let at = |q: f64| boot[((boot.len() - 1) as f64 * q).round() as usize];
-            let interval = if boot.is_empty() {
-                Interval {
-                    mean,
-                    lo: mean,
-                    hi: mean,
-                }
-            } else {
-                Interval {
-                    mean,
-                    lo: at(0.025),
-                    hi: at(0.975),
-                }
-            };
-            (format!("{}-{}", a.name(), b.name()), interval)
+            (
+                format!("{}-{}", a.name(), b.name()),
+                percentile_interval(mean, &boot),
+            )
         })
         .collect();
+    let has = |m: EvalMode| options.modes.contains(&m);
+    let capacity_reached =
+        (has(EvalMode::SoftPrompt) && has(EvalMode::Prefix) && has(EvalMode::Oracle)).then(|| {
+            // Token-weighted sums, as every difference here.
+            let ratio = |idx: &mut dyn Iterator<Item = usize>| {
+                let (mut reached, mut capacity) = (0.0, 0.0);
+                for i in idx {
+                    let n = &scores[i].nll;
+                    reached += n[&EvalMode::SoftPrompt] - n[&EvalMode::Prefix];
+                    capacity += n[&EvalMode::SoftPrompt] - n[&EvalMode::Oracle];
+                }
+                reached / capacity
+            };
+            let mean = ratio(&mut (0..scores.len()));
+            let mut boot: Vec<f64> = draws
+                .iter()
+                .map(|d| ratio(&mut d.iter().copied()))
+                .collect();
+            boot.sort_by(f64::total_cmp);
+            percentile_interval(mean, &boot)
+        });
     EvalReport {
         n: scores.len(),
         gguf,
         projector,
         soft_prompt: options.soft_prompt.as_ref().map(|p| p.source().to_string()),
+        oracle_projector: options
+            .oracle_projector
+            .as_ref()
+            .map(|p| p.source().to_string()),
+        capacity_reached,
         bootstrap: if conversations.is_some() {
             "conversations"
         } else {
@@ -636,6 +732,24 @@ pub fn report(
         conversations: clusters.len(),
         modes,
         paired,
+    }
+}
+
+/// `mean` with the 2.5% and 97.5% points of the sorted bootstrap `boot`
+/// (the mean alone when there are no resamples).
+fn percentile_interval(mean: f64, boot: &[f64]) -> Interval {
+    if boot.is_empty() {
+        return Interval {
+            mean,
+            lo: mean,
+            hi: mean,
+        };
+    }
+    let at = |q: f64| boot[((boot.len() - 1) as f64 * q).round() as usize];
+    Interval {
+        mean,
+        lo: at(0.025),
+        hi: at(0.975),
     }
 }
 
@@ -674,6 +788,8 @@ mod tests {
             format: CondFormat::Chunks,
             control: None,
             soft_prompt: None,
+            oracle_projector: None,
+            world_contexts: None,
             progress: None,
         };
         let r = report(&scores, None, &options, "g".into(), "p".into());
@@ -717,6 +833,8 @@ mod tests {
             format: CondFormat::Chunks,
             control: None,
             soft_prompt: None,
+            oracle_projector: None,
+            world_contexts: None,
             progress: None,
         };
         let by_pair = report(&scores, None, &options, "g".into(), "p".into());

@@ -102,11 +102,18 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     );
     let soft_file = dir.path().join("soft.safetensors");
     soft.save(&soft_file, "test soft prompt").unwrap();
+    // The embedded projector as the oracle projector: then `oracle` scores
+    // exactly what `oracle_prefix` does.
+    let oracle_file = dir.path().join("oracle.safetensors");
+    projector
+        .save(&oracle_file, "test oracle projector")
+        .unwrap();
     let per_pair = dir.path().join("per-pair.tsv");
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "8"])
         .args(["--json", "--parallel", "2", "--resamples", "200"])
         .args(["--soft-prompt", soft_file.to_str().unwrap()])
+        .args(["--oracle-projector", oracle_file.to_str().unwrap()])
         .args(["--per-pair", per_pair.to_str().unwrap()])
         .args([
             "--control",
@@ -272,6 +279,12 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     assert!((got("cvec") - cvec / tokens as f64).abs() < 1e-9);
     assert!((got("instruction") - instruction / tokens as f64).abs() < 1e-9);
     assert!((got("soft_prompt") - soft_prompt / tokens as f64).abs() < 1e-9);
+    assert!((got("oracle") - oracle / tokens as f64).abs() < 1e-9);
+    assert_ne!(got("mismatched_oracle"), got("oracle"));
+    // The fraction of the capacity reached, from the same sums.
+    let capacity = report["capacity_reached"]["mean"].as_f64().unwrap();
+    let want = (got("soft_prompt") - got("prefix")) / (got("soft_prompt") - got("oracle"));
+    assert!((capacity - want).abs() < 1e-9, "{capacity} vs {want}");
     assert!(
         (got("cvec") - got("none")).abs() > 1e-4,
         "the vector changes the scores"
@@ -315,6 +328,58 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     };
     assert_eq!(order(&fresh), order(&per_pair)[6..]);
 
+    // --world-contexts: the world model reads a twin file's contexts. The
+    // pairs file as its own twin changes nothing; other contexts change the
+    // prefix rows, not the decoder's prompt around them (`none`).
+    let prefix_with = |twin: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tofy"));
+        command
+            .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+            .args(["--json", "--resamples", "100", "--modes", "prefix,none"])
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .env("JEPA_DECODER_THREADS", "1");
+        if let Some(twin) = twin {
+            command.arg("--world-contexts").arg(twin);
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let nll = |m: &str| report["modes"][m]["nll"].as_f64().unwrap();
+        (nll("prefix"), nll("none"))
+    };
+    let history = dir.path().join("pairs.history.tsv");
+    let longer: Vec<Pair> = pairs
+        .iter()
+        .map(|p| Pair {
+            context: format!("i love old movies | {}", p.context),
+            next: p.next.clone(),
+        })
+        .collect();
+    pairs::write(&history, &longer).unwrap();
+    let plain = prefix_with(None);
+    assert_eq!(prefix_with(Some(&path)), plain);
+    let (prefix, none) = prefix_with(Some(&history));
+    assert_eq!(none, plain.1);
+    assert_ne!(prefix, plain.0);
+    // A twin with other replies is refused before any scoring.
+    pairs::write(&history, &longer[1..]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+        .arg("--world-contexts")
+        .arg(&history)
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .output()
+        .unwrap();
+    let line = common::fails(out);
+    assert!(
+        line.contains("7 pairs where the pairs file has 8"),
+        "{line}"
+    );
+
     // The soft_prompt mode without a soft prompt: one clear line.
     let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
         .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
@@ -325,6 +390,15 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
         .unwrap();
     let line = common::fails(out);
     assert!(line.contains("--soft-prompt FILE"), "{line}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
+        .args(["--modes", "oracle,none"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "1")
+        .output()
+        .unwrap();
+    let line = common::fails(out);
+    assert!(line.contains("--oracle-projector FILE"), "{line}");
 
     // Fewer than two pairs cannot be mismatched: one clear line.
     let one = dir.path().join("one.tsv");

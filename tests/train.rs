@@ -356,7 +356,29 @@ fn prepare_chitchat_on_a_synthetic_dataset() {
         let same_group =
             |ids: &[String]| -> Vec<bool> { ids.windows(2).map(|w| w[0] == w[1]).collect() };
         assert_eq!(same_group(&kept.ids), same_group(&chained.ids), "{name}");
+        // The history twin: the same replies and conversations, line for
+        // line, with the conversation so far as the context.
+        let twin = tofy::data::chitchat::history_path(&path);
+        let contexts = tofy::data::pairs::world_contexts(&twin, &pairs).unwrap();
+        assert_eq!(contexts.len(), pairs.len());
+        let twin_pairs = tofy::data::pairs::read(&twin).unwrap();
+        let twin_ids = tofy::data::pairs::conversations(&twin, &twin_pairs).unwrap();
+        assert_eq!(twin_ids.source, "sidecar");
     }
+    let held_history =
+        std::fs::read_to_string(dir.path().join("pairs.heldout.history.tsv")).unwrap();
+    assert_eq!(
+        held_history,
+        "hi 19 there\thello\nhi 19 there | hello\tbye now\n"
+    );
+    // A twin of another file is refused, naming what differs.
+    let err = tofy::data::pairs::world_contexts(
+        &dir.path().join("pairs.heldout.history.tsv"),
+        &tofy::data::pairs::read(&dir.path().join("pairs.valid.tsv")).unwrap()[..1],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("2 pairs where the pairs file has 1"), "{err}");
 }
 
 #[test]
@@ -489,4 +511,53 @@ fn train_world_bad_input_is_one_line_and_writes_nothing() {
         !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(),
         "nothing written on failure"
     );
+}
+
+#[test]
+fn prepare_chatterbot_on_a_synthetic_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("english");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(
+        corpus.join("b_science.yml"),
+        "categories:\n- science\nconversations:\n- - what is two plus two\n  - 4\n- - what is two plus two\n  - four,\n    of course\n- - lonely turn\n- not a list\n",
+    )
+    .unwrap();
+    std::fs::write(
+        corpus.join("a_food.yml"),
+        "categories:\n- food\nconversations:\n- - do you eat\n  - only electricity\n  - \"is that tasty?\"\n",
+    )
+    .unwrap();
+    std::fs::write(corpus.join("notes.txt"), "not yaml").unwrap();
+    let out = dir.path().join("ood.tsv");
+    let done = tofy::data::chatterbot::prepare(&corpus, &out).unwrap();
+    assert_eq!((done.files, done.conversations, done.pairs), (2, 3, 4));
+    assert_eq!(done.malformed, ["b_science 4"]);
+    // Files in name order; a bare number is a turn; a folded line is one line.
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "do you eat\tonly electricity\nonly electricity\tis that tasty?\n\
+         what is two plus two\t4\nwhat is two plus two\tfour, of course\n"
+    );
+    // Conversations that open alike are one cluster.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ood.conversations")).unwrap(),
+        "a_food/do you eat\na_food/do you eat\nb_science/what is two plus two\nb_science/what is two plus two\n"
+    );
+    let pairs = tofy::data::pairs::read(&out).unwrap();
+    let twin = tofy::data::chitchat::history_path(&out);
+    let contexts = tofy::data::pairs::world_contexts(&twin, &pairs).unwrap();
+    assert_eq!(contexts[1], "do you eat | only electricity");
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = tofy::data::chatterbot::prepare(&empty, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no .yml file"), "{err}");
+    std::fs::write(empty.join("bad.yml"), "categories: [x]\n").unwrap();
+    let err = tofy::data::chatterbot::prepare(&empty, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no `conversations` list"), "{err}");
 }

@@ -122,8 +122,18 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     );
     // A few steps on these six pairs lower their loss (overfitting them is
     // the point here, not a measurement).
-    let trainable = TrainableProjector::new(&init).unwrap();
+    // The input centred on the vectors' mean, the start weight kept: the
+    // rows are still the projector's.
     let vectors: Vec<&[f32]> = all.iter().map(|e| e.vector.as_slice()).collect();
+    let owned: Vec<Vec<f32>> = vectors.iter().map(|v| v.to_vec()).collect();
+    let centred = tp::Start {
+        centre: tofy::eval_conditioning::mean_vector(&owned),
+        constant: None,
+        keep_weight: true,
+        bias_only: false,
+        weight_rate: 1.0,
+    };
+    let trainable = TrainableProjector::new(&init, centred.clone()).unwrap();
     let loss = |t: &TrainableProjector| {
         scorer
             .loss(&t.rows(&vectors).unwrap(), &all)
@@ -147,26 +157,67 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         lr: 1e-4,
         seed: 0,
         log_every: 0,
+        eval_every: 25,
+        patience: 3,
+        checkpoint: None,
+        run: "test".into(),
     };
-    let report = tp::train(&scorer, &trainable, &examples, &config).unwrap();
+    let mut last = None;
+    let report = tp::train(
+        &scorer,
+        &trainable,
+        &examples,
+        &[],
+        &config,
+        &mut |_, step| {
+            last = Some(step);
+            Ok(())
+        },
+    )
+    .unwrap();
     assert_eq!(report.losses.len(), 6);
+    assert_eq!(last, Some(6), "without validation the last step is kept");
     assert!(
         (report.losses[0] - start).abs() < 1e-4,
         "{report:?} vs {start}"
     );
     let end = loss(&trainable);
     assert!(end < start - 0.2, "{start} -> {end}");
+    // The saved projector folds the centre into its bias: it projects raw
+    // vectors to the rows training used.
+    let saved = trainable.projector("trained".into()).unwrap();
+    let rows = trainable.rows(&vectors[2..3]).unwrap();
+    let got: Vec<f32> = rows.flatten_all().unwrap().to_vec1().unwrap();
+    let want = saved.project(vectors[2]).unwrap();
+    for (a, b) in got.iter().zip(want.as_slice()) {
+        assert!((a - b).abs() < 1e-4, "trained rows {a} vs saved rows {b}");
+    }
+
+    // With the weight at 0 every vector starts with the same rows: the
+    // starting projector's rows of the centre.
+    let flat = TrainableProjector::new(
+        &init,
+        tp::Start {
+            keep_weight: false,
+            ..centred
+        },
+    )
+    .unwrap();
+    let both = flat.rows(&vectors[..2]).unwrap();
+    let (a, b) = (both.get(0).unwrap(), both.get(1).unwrap());
+    let gap = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(gap.to_scalar::<f32>().unwrap(), 0.0);
 
     // The command: two steps on the pairs file, a projector that loads.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.tsv");
     pairs::write(&path, &pairs()).unwrap();
-    // Two steps of 3 pairs into `out`; its stderr, after checking it succeeded.
+    // Batches of 3 pairs into `out`; its stderr, after checking it succeeded.
     let train = |out: &Path, extra: &[&str]| {
         let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
             .args(["train-projector", path.to_str().unwrap(), "--out"])
             .arg(out)
-            .args(["--steps", "2", "--batch", "3"])
+            .args(["--batch", "3"])
             .args(extra)
             .env("JEPA_DECODER_MODEL", common::smollm2())
             .env("JEPA_DECODER_THREADS", "2")
@@ -177,7 +228,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         stderr
     };
     let out = dir.path().join("trained.safetensors");
-    let stderr = train(&out, &["--log-every", "1"]);
+    let stderr = train(&out, &["--steps", "2", "--log-every", "1", "--keep-weight"]);
     assert!(stderr.contains("step 2/2: loss"), "{stderr}");
     assert!(stderr.contains("the frozen model vs llama.cpp"), "{stderr}");
     let trained = Projector::load(&out).unwrap();
@@ -188,7 +239,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     // --bias-only: a soft prompt. The weight stays 0 through training, only
     // the bias moves, and every vector gets the same rows.
     let soft_file = dir.path().join("soft.safetensors");
-    train(&soft_file, &["--bias-only"]);
+    train(&soft_file, &["--steps", "2", "--bias-only"]);
     let soft = Projector::load(&soft_file).unwrap();
     let (weight, bias) = soft.parameters();
     assert!(weight.iter().all(|&w| w == 0.0), "the weight stays 0");
@@ -198,4 +249,95 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         soft.project(vectors[1]).unwrap(),
     );
     assert_eq!(a, b, "one set of rows for every vector");
+
+    // Validation, the plateau and the checkpoint, on oracle vectors from
+    // the soft prompt's constant: a run stopped after one step and resumed
+    // ends where an uninterrupted run ends.
+    let resumable = |out: &Path, steps: &str| {
+        let args = [
+            "--vectors",
+            "oracle",
+            "--constant",
+            soft_file.to_str().unwrap(),
+            "--valid",
+            path.to_str().unwrap(),
+            "--valid-n",
+            "4",
+            "--eval-every",
+            "1",
+            "--patience",
+            "5",
+            "--steps",
+            steps,
+        ];
+        train(out, &args)
+    };
+    let straight = dir.path().join("straight.safetensors");
+    let stderr = resumable(&straight, "2");
+    assert!(stderr.contains("step 0: validation"), "{stderr}");
+    assert!(stderr.contains("step 2: validation"), "{stderr}");
+    let stopped = dir.path().join("stopped.safetensors");
+    resumable(&stopped, "1");
+    let stderr = resumable(&stopped, "2");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    assert!(
+        !stderr.contains("step 1: validation"),
+        "step 1 was not trained again: {stderr}"
+    );
+    let state = |p: &Path| {
+        let mut run = p.as_os_str().to_owned();
+        run.push(".run.safetensors");
+        std::path::PathBuf::from(run)
+    };
+    assert!(state(&straight).exists());
+    // Both runs keep their best validation step's projector; the resumed
+    // run's parameters match the straight run's.
+    let (a, b) = (
+        Projector::load(&straight).unwrap(),
+        Projector::load(&stopped).unwrap(),
+    );
+    for (x, y) in a.parameters().0.iter().zip(b.parameters().0) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    for (x, y) in a.parameters().1.iter().zip(b.parameters().1) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    // --world-contexts: the world model reads a twin file's contexts (and
+    // --valid's twin, beside it).
+    let twin_of = |p: &Path| tofy::data::chitchat::history_path(p);
+    let longer: Vec<Pair> = pairs()
+        .into_iter()
+        .map(|p| Pair {
+            context: format!("we just met | {}", p.context),
+            next: p.next,
+        })
+        .collect();
+    pairs::write(&twin_of(&path), &longer).unwrap();
+    let stderr = train(
+        &dir.path().join("history.safetensors"),
+        &[
+            "--steps",
+            "1",
+            "--valid",
+            path.to_str().unwrap(),
+            "--world-contexts",
+            twin_of(&path).to_str().unwrap(),
+        ],
+    );
+    assert!(stderr.contains("step 1: validation"), "{stderr}");
+
+    // Another run's checkpoint is refused with what to do.
+    let run = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(["train-projector", path.to_str().unwrap(), "--out"])
+        .arg(&stopped)
+        .args(["--steps", "2", "--batch", "3", "--lr", "1e-3"])
+        .env("JEPA_DECODER_MODEL", common::smollm2())
+        .env("JEPA_DECODER_THREADS", "2")
+        .output()
+        .unwrap();
+    let line = common::fails(run);
+    assert!(
+        line.contains("another run") && line.contains("delete it"),
+        "{line}"
+    );
 }

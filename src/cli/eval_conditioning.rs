@@ -45,13 +45,22 @@ pub struct EvalConditioningArgs {
     /// The soft prompt of the `soft_prompt` mode (made by `tofy train-projector --bias-only`).
     #[arg(long, value_name = "FILE")]
     soft_prompt: Option<PathBuf>,
+    /// The projector of the `oracle` modes (made by `tofy train-projector --vectors oracle`).
+    #[arg(long, value_name = "FILE")]
+    oracle_projector: Option<PathBuf>,
+    /// What the world model reads in place of each pair's context: a pairs file that holds the
+    /// same pairs line for line with other contexts (`prepare-chitchat`'s `.history.tsv`, the
+    /// conversation so far). The decoder's user turn stays the pair's context.
+    #[arg(long, value_name = "FILE")]
+    world_contexts: Option<PathBuf>,
     /// Also write every pair's reply NLL (summed) and tokens under each mode, as TSV
     /// (`pair conversation mode nll tokens`, `pair` the line's index in the pairs file), so
     /// that two runs on the same sample can be paired offline.
     #[arg(long, value_name = "FILE")]
     per_pair: Option<PathBuf>,
     /// Modes to score, comma-separated [default: all of them; the cvec modes with --control,
-    /// soft_prompt with --soft-prompt]. Paired
+    /// soft_prompt with --soft-prompt, the oracle modes with
+    /// --oracle-projector]. Paired
     /// differences are reported where both of their modes were scored.
     #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
     modes: Vec<ec::EvalMode>,
@@ -67,6 +76,9 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     if args.soft_prompt.is_none() && args.modes.iter().any(|m| m.needs_soft_prompt()) {
         return Err(ec::EvalError::NoSoftPrompt.into());
     }
+    if args.oracle_projector.is_none() && args.modes.iter().any(|m| m.needs_oracle_projector()) {
+        return Err(ec::EvalError::NoOracleProjector.into());
+    }
     let all = pairs::read(&args.pairs)?;
     let conversations = pairs::conversations(&args.pairs, &all)?;
     let skip = args.skip as usize;
@@ -78,6 +90,13 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         return Err(ec::EvalError::TooFew(indices.len()).into());
     }
     let picked: Vec<pairs::Pair> = indices.iter().map(|&i| all[i].clone()).collect();
+    let world_contexts = match &args.world_contexts {
+        Some(path) => {
+            let contexts = pairs::world_contexts(path, &all)?;
+            Some(indices.iter().map(|&i| contexts[i].clone()).collect())
+        }
+        None => None,
+    };
     let ids: Vec<String> = indices
         .iter()
         .map(|&i| conversations.ids[i].clone())
@@ -109,22 +128,25 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     })?;
     // The cvec modes take the control map of --control (TOFY_CONTROL).
     let control = args.decoder.control()?;
-    let soft_prompt = match &args.soft_prompt {
-        Some(path) => {
-            let soft = Projector::load(path)?;
+    // Rows for this GGUF from a projector file, checked before any scoring.
+    let rows_projector =
+        |path: &Option<PathBuf>, mode: &str| -> anyhow::Result<Option<Projector>> {
+            let Some(path) = path else { return Ok(None) };
+            let projector = Projector::load(path)?;
             let width = decoder.input_width().with_context(|| {
-                "the soft_prompt mode needs the llama backend (embedding rows)".to_string()
+                format!("the {mode} mode needs the llama backend (embedding rows)")
             })?;
-            soft.check_width(width, &config_model(decoder))?;
-            Some(soft)
-        }
-        None => None,
-    };
+            projector.check_width(width, &config_model(decoder))?;
+            Ok(Some(projector))
+        };
+    let soft_prompt = rows_projector(&args.soft_prompt, "soft_prompt")?;
+    let oracle_projector = rows_projector(&args.oracle_projector, "oracle")?;
     let mut modes = if args.modes.is_empty() {
         ec::EvalMode::ALL
             .into_iter()
             .filter(|m| control.is_some() || !m.needs_control())
             .filter(|m| soft_prompt.is_some() || !m.needs_soft_prompt())
+            .filter(|m| oracle_projector.is_some() || !m.needs_oracle_projector())
             .collect()
     } else {
         args.modes.clone()
@@ -139,6 +161,8 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         format: args.decoder.cond_format,
         control,
         soft_prompt,
+        oracle_projector,
+        world_contexts,
         progress: Some(|done, all| {
             // A line per tenth: the run takes minutes on a CPU.
             if done * 10 / all != (done - 1) * 10 / all {
@@ -188,7 +212,7 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{} pairs from {} conversations, {} reply tokens; decoder {}; projector {}{}",
+        "{} pairs from {} conversations, {} reply tokens; decoder {}; projector {}{}{}",
         report.n,
         report.conversations,
         report.modes.values().next().map_or(0, |m| m.tokens),
@@ -197,7 +221,11 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
         report
             .soft_prompt
             .as_ref()
-            .map_or_else(String::new, |s| format!("; soft prompt {s}"))
+            .map_or_else(String::new, |s| format!("; soft prompt {s}")),
+        report
+            .oracle_projector
+            .as_ref()
+            .map_or_else(String::new, |s| format!("; oracle projector {s}"))
     )?;
     writeln!(out, "\n| mode | NLL per reply token |\n|---|---:|")?;
     for mode in &options.modes {
@@ -222,6 +250,13 @@ pub fn run(args: EvalConditioningArgs) -> anyhow::Result<()> {
             out,
             "| {name} | {:+.4} | [{:+.4}, {:+.4}] |",
             d.mean, d.lo, d.hi
+        )?;
+    }
+    if let Some(c) = report.capacity_reached {
+        writeln!(
+            out,
+            "\ncapacity reached, (soft_prompt - prefix) / (soft_prompt - oracle): {:.3} [{:.3}, {:.3}]",
+            c.mean, c.lo, c.hi
         )?;
     }
     Ok(())

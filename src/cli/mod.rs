@@ -39,6 +39,8 @@ enum Command {
     Condition(condition::ConditionArgs),
     /// Turn the chitchat corpus into training and held-out pairs files.
     PrepareChitchat(train::PrepareArgs),
+    /// Turn the chatterbot corpus into an out-of-domain held-out pairs file.
+    PrepareChatterbot(train::PrepareChatterbotArgs),
     /// Train a world model on a pairs file (needs the `train` feature).
     TrainWorld(train::TrainArgs),
     /// Score a world model on held-out pairs against copy/mean baselines.
@@ -183,6 +185,7 @@ where
         Command::TrainProjector(args) => train_projector::run(args),
         Command::Condition(args) => condition::run(args),
         Command::PrepareChitchat(args) => train::prepare(args),
+        Command::PrepareChatterbot(args) => train::prepare_chatterbot(args),
         Command::TrainWorld(args) => train::train(args),
         Command::EvalWorld(args) => train::evaluate(args),
         Command::BenchWorld(args) => bench_world::run(args),

@@ -1,5 +1,6 @@
-//! `tofy prepare-chitchat`, `tofy train-world` and `tofy eval-world`: the
-//! data, training and evaluation commands for world models.
+//! `tofy prepare-chitchat`, `tofy prepare-chatterbot`, `tofy train-world`
+//! and `tofy eval-world`: the data, training and evaluation commands for
+//! world models.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{DeviceArgs, WorldSizeArgs};
-use crate::data::{chitchat, pairs};
+use crate::data::{chatterbot, chitchat, pairs};
 use crate::eval::{self, EvalReport};
 use crate::world::{LoadOptions, WorldModel};
 
@@ -24,6 +25,42 @@ pub struct PrepareArgs {
     /// The corpus: `dataset.json` of the PyPI package chitchat-dataset (`make data` fetches it).
     #[arg(long, default_value = DEFAULT_DATASET)]
     dataset: PathBuf,
+}
+
+/// Where `make data-ood` unpacks the PyPI package `chatterbot-corpus`.
+const DEFAULT_CHATTERBOT: &str = "data/chatterbot/chatterbot_corpus/data/english";
+
+#[derive(Debug, Args)]
+pub struct PrepareChatterbotArgs {
+    /// Output pairs file (all of it held out); its `.conversations` sidecar and `.history.tsv`
+    /// twin are written beside it.
+    #[arg(default_value = "data/chatterbot_pairs.tsv")]
+    out: PathBuf,
+    /// The corpus: the `data/english` folder of the PyPI package chatterbot-corpus (`make
+    /// data-ood` fetches it).
+    #[arg(long, default_value = DEFAULT_CHATTERBOT)]
+    corpus: PathBuf,
+}
+
+pub fn prepare_chatterbot(args: PrepareChatterbotArgs) -> anyhow::Result<()> {
+    let done = chatterbot::prepare(&args.corpus, &args.out)?;
+    println!(
+        "{} files, {} conversations -> {} out-of-domain pairs in {}{}",
+        done.files,
+        done.conversations,
+        done.pairs,
+        done.path.display(),
+        if done.malformed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} entries that are not a list of turns left out: {})",
+                done.malformed.len(),
+                done.malformed.join(", ")
+            )
+        }
+    );
+    Ok(())
 }
 
 pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {

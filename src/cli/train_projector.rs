@@ -21,7 +21,7 @@ pub struct TrainProjectorArgs {
     #[arg(long, default_value_t = 2000, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     n: u32,
-    /// Optimiser steps.
+    /// The most optimiser steps (with --valid the run stops earlier at the plateau).
     #[arg(long, default_value_t = 200, value_name = "N")]
     steps: usize,
     /// Pairs per step.
@@ -46,6 +46,50 @@ pub struct TrainProjectorArgs {
     /// (eval-conditioning's `soft_prompt` mode).
     #[arg(long)]
     bias_only: bool,
+    /// The vectors the projector reads: the world model's prediction from the context, or the
+    /// oracle, `bridge(encoder(true reply))`, what a perfect prediction would be (a projector
+    /// for measuring the channel's capacity, eval-conditioning's `--oracle-projector`).
+    #[arg(long, value_enum, default_value_t = Vectors::Predicted)]
+    vectors: Vectors,
+    /// The recipe before issue 24 (`scripts/train-projector.sh` reproduces the shipped projector
+    /// so): the weight starts at the starting projector's and reads raw vectors [default: the
+    /// weight starts at 0 and reads vectors centred on their mean, so that every vector starts
+    /// with the same rows, the constant lives in the bias and the weight learns what varies].
+    #[arg(long, conflicts_with = "bias_only")]
+    keep_weight: bool,
+    /// The weight's learning rate as a multiple of the balanced one: --lr divided by the mean L1
+    /// norm of the centred input vectors, at which the weight moves a row no faster than the
+    /// constant does (Adam moves each weight by about its rate per step, and a row by the sum of
+    /// those moves times the input: at --lr the weight would move the rows ~100 times faster).
+    /// With --keep-weight the weight trains at --lr, as before issue 24.
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    weight_lr_scale: f64,
+    /// Start the constant at this soft prompt's rows (a projector made with --bias-only) instead
+    /// of the starting projector's rows of the mean vector.
+    #[arg(long, value_name = "FILE", conflicts_with = "keep_weight")]
+    constant: Option<PathBuf>,
+    /// Validation pairs (e.g. data/chitchat_pairs.valid.tsv): scored every --eval-every steps and
+    /// at step 0; --out is the best of them, and the run stops at the plateau.
+    #[arg(long, value_name = "FILE")]
+    valid: Option<PathBuf>,
+    /// Validation pairs scored, drawn with --seed.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    valid_n: u32,
+    /// Steps between validation scores (and checkpoints).
+    #[arg(long, default_value_t = 25, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    eval_every: u64,
+    /// Validation scores in a row without a new best before the run stops.
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    patience: u64,
+    /// What the world model reads in place of the contexts of PAIRS (and of --valid): pairs files
+    /// that hold the same pairs line for line with other contexts, `prepare-chitchat`'s
+    /// `.history.tsv` twins (this names the training one; the validation one is --valid's twin,
+    /// `X.history.tsv` for `X.tsv`). The decoder's user turn stays the pair's context.
+    #[arg(long, value_name = "FILE")]
+    world_contexts: Option<PathBuf>,
     /// Log the mean loss every this many steps (0: never).
     #[arg(long, default_value_t = 10, value_name = "N")]
     log_every: usize,
@@ -54,13 +98,38 @@ pub struct TrainProjectorArgs {
     decoder: DecoderArgs,
 }
 
+/// What the projector is trained to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Vectors {
+    /// The world model's conditioning vector of the context.
+    Predicted,
+    /// `bridge(encoder(reply))`: the true reply's own latent.
+    Oracle,
+}
+
+impl Vectors {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Predicted => "predicted",
+            Self::Oracle => "oracle",
+        }
+    }
+}
+
+/// Where a run keeps its state: beside its output (`OUT.run.safetensors`).
+pub fn checkpoint_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".run.safetensors");
+    PathBuf::from(name)
+}
+
 #[cfg(feature = "train")]
 pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     use super::decoder_args::gguf_and_end_of_turn;
     use crate::data::pairs;
     use crate::decoder::{self, DecoderConfig};
     use crate::engine::Engine;
-    use crate::eval_conditioning::{context_vectors, sample};
+    use crate::eval_conditioning::{sample_indices, world_vectors};
     use crate::train::llama::FrozenLlama;
     use crate::train::projector::{self as tp, ProjectorTrainConfig, ReplyScorer};
 
@@ -69,9 +138,54 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         "--lr must be a positive number (got {})",
         args.lr
     );
-    let picked = sample(&pairs::read(&args.pairs)?, args.n as usize, args.seed);
+    anyhow::ensure!(
+        args.weight_lr_scale.is_finite() && args.weight_lr_scale > 0.0,
+        "--weight-lr-scale must be a positive number (got {})",
+        args.weight_lr_scale
+    );
+    // Each sampled pair with what the world model reads for it.
+    let read = |path: &std::path::Path,
+                twin: Option<PathBuf>,
+                n: u32|
+     -> anyhow::Result<(Vec<pairs::Pair>, Vec<String>)> {
+        let all = pairs::read(path)?;
+        let contexts = match twin {
+            Some(twin) => pairs::world_contexts(&twin, &all)?,
+            None => all.iter().map(|p| p.context.clone()).collect(),
+        };
+        Ok(sample_indices(all.len(), n as usize, args.seed)
+            .into_iter()
+            .map(|i| (all[i].clone(), contexts[i].clone()))
+            .unzip())
+    };
+    let (picked, contexts) = read(&args.pairs, args.world_contexts.clone(), args.n)?;
+    let (valid_pairs, valid_contexts) = match &args.valid {
+        Some(path) => read(
+            path,
+            args.world_contexts
+                .as_ref()
+                .map(|_| crate::data::chitchat::history_path(path)),
+            args.valid_n,
+        )?,
+        None => (Vec::new(), Vec::new()),
+    };
     let world = args.world.load()?;
-    let vectors = context_vectors(&world, &picked)?;
+    let vectors_of =
+        |pairs: &[pairs::Pair], contexts: &[String]| -> anyhow::Result<Vec<Vec<f32>>> {
+            Ok(match args.vectors {
+                Vectors::Predicted => world_vectors(&world, contexts)?,
+                Vectors::Oracle => {
+                    let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
+                    world
+                        .encode_as_conditioning(&replies)?
+                        .into_iter()
+                        .map(|c| c.vector)
+                        .collect()
+                }
+            })
+        };
+    let vectors = vectors_of(&picked, &contexts)?;
+    let valid_vectors = vectors_of(&valid_pairs, &valid_contexts)?;
     // The decoder lays the prompts out (tokenizer, chat template) and scores
     // two of them to check the differentiable copy against llama.cpp.
     let config = DecoderConfig {
@@ -100,6 +214,103 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         "every pair is longer than --max-tokens {}",
         args.max_tokens
     );
+    let valid = if valid_pairs.is_empty() {
+        Vec::new()
+    } else {
+        tp::examples(
+            &engine,
+            &valid_pairs,
+            &valid_vectors,
+            init.k(),
+            &end_of_turn,
+            args.max_tokens as usize,
+        )?
+        .1
+    };
+    let constant = match &args.constant {
+        Some(path) => Some(soft_prompt_constant(path, &init)?),
+        None => None,
+    };
+    // The recipe before issue 24 read raw vectors; the new one centres them.
+    let centre: Vec<f32> = if args.keep_weight {
+        vec![0.0; init.bridge_dim()]
+    } else {
+        let used: Vec<Vec<f32>> = examples.iter().map(|e| e.vector.clone()).collect();
+        crate::eval_conditioning::mean_vector(&used)
+    };
+    let weight_rate = if args.keep_weight {
+        1.0
+    } else {
+        let used: Vec<&[f32]> = examples.iter().map(|e| e.vector.as_slice()).collect();
+        tp::balanced_weight_rate(&used, &centre) * args.weight_lr_scale
+    };
+    let trainable = tp::TrainableProjector::new(
+        &init,
+        tp::Start {
+            centre,
+            constant,
+            keep_weight: args.keep_weight,
+            bias_only: args.bias_only,
+            weight_rate,
+        },
+    )?;
+    let start = match (&args.constant, args.keep_weight) {
+        (Some(path), _) => format!("the constant of {}, the weight at 0", path.display()),
+        (None, true) => init.source().to_string(),
+        (None, false) => format!(
+            "{}'s rows of the mean vector, the weight at 0",
+            init.source()
+        ),
+    };
+    let what = if args.bias_only {
+        "a soft prompt (weight 0, bias only)".to_string()
+    } else {
+        format!(
+            "a projector of {} vectors{}",
+            args.vectors.name(),
+            if args.keep_weight {
+                ""
+            } else {
+                " (input centred on their mean)"
+            }
+        )
+    };
+    // Everything that makes two runs the same run: a checkpoint of another
+    // is refused.
+    let run = format!(
+        "{what}; {} pairs of {}{} (seed {}), batch {}, lr {}{}, from {start}; validation: {}",
+        examples.len(),
+        args.pairs.display(),
+        match &args.world_contexts {
+            Some(path) => format!(" (the world model reading {})", path.display()),
+            None => String::new(),
+        },
+        args.seed,
+        args.batch,
+        args.lr,
+        if args.bias_only || args.keep_weight {
+            String::new()
+        } else {
+            format!(
+                " (the weight's {:.3e}, {} x balanced)",
+                args.lr * weight_rate,
+                args.weight_lr_scale
+            )
+        },
+        match &args.valid {
+            Some(path) => format!(
+                "{} pairs of {}, every {} steps, patience {}",
+                valid.len(),
+                path.display(),
+                args.eval_every,
+                args.patience
+            ),
+            None => "none".to_string(),
+        }
+    );
+    let checkpoint = checkpoint_path(&args.out);
+    // A checkpoint of another run is refused before any work.
+    tp::check_checkpoint(&checkpoint, &run)?;
     eprintln!(
         "train-projector: {} pairs of {} ({skipped} longer than {} positions left out), {} shared prompt tokens, K={} from {}",
         examples.len(),
@@ -123,48 +334,101 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         agreement.max_reply,
         tp::MAX_REPLY_DISAGREEMENT
     );
-    let trainable = if args.bias_only {
-        tp::TrainableProjector::bias_only(&init, &crate::eval_conditioning::mean_vector(&vectors))?
-    } else {
-        tp::TrainableProjector::new(&init)?
-    };
     let train_config = ProjectorTrainConfig {
         steps: args.steps,
         batch: args.batch as usize,
         lr: args.lr,
         seed: args.seed,
         log_every: args.log_every,
+        eval_every: args.eval_every as usize,
+        patience: args.patience as usize,
+        checkpoint: Some(checkpoint.clone()),
+        run: run.clone(),
     };
-    let report = tp::train(&scorer, &trainable, &examples, &train_config)?;
-    let description = format!(
-        "{} by gradient through the frozen decoder: {} AdamW steps (lr {}, batch {}) on {} pairs of {} (seed {}), from {}",
-        if args.bias_only {
-            "a soft prompt (weight 0, bias only; the rows of the mean vector at step 0) trained"
-        } else {
-            "trained"
-        },
-        args.steps,
-        args.lr,
-        args.batch,
-        examples.len(),
-        args.pairs.display(),
-        args.seed,
-        init.source()
-    );
-    trainable
-        .projector(args.out.display().to_string())?
-        .save(&args.out, &description)?;
+    let out = &args.out;
+    let mut save = |p: &crate::projector::Projector, step: usize| {
+        p.save(
+            out,
+            &format!("{run}; trained by gradient through the frozen decoder, kept at step {step}"),
+        )
+    };
+    let report = tp::train(
+        &scorer,
+        &trainable,
+        &examples,
+        &valid,
+        &train_config,
+        &mut save,
+    )?;
     let mean = |l: &[f32]| l.iter().sum::<f32>() / l.len().max(1) as f32;
-    let tenth = (report.losses.len() / 10).max(1);
+    let losses = &report.losses;
+    let tenth = (losses.len() / 10).max(1);
+    let trained = losses.len() - report.resumed_at;
     println!(
-        "trained in {:.0} s ({:.1} s/step): loss {:.4} over the first {tenth} steps -> {:.4} over the last {tenth}; wrote {}",
+        "trained {trained} steps in {:.0} s ({:.1} s/step{}): loss {:.4} over the first {tenth} steps -> {:.4} over the last {tenth}",
         report.seconds,
-        report.seconds / report.losses.len().max(1) as f64,
-        mean(&report.losses[..tenth.min(report.losses.len())]),
-        mean(&report.losses[report.losses.len().saturating_sub(tenth)..]),
-        args.out.display()
+        report.seconds / trained.max(1) as f64,
+        if report.resumed_at > 0 {
+            format!(", resumed at step {}", report.resumed_at)
+        } else {
+            String::new()
+        },
+        mean(&losses[..tenth.min(losses.len())]),
+        mean(&losses[losses.len().saturating_sub(tenth)..]),
     );
+    match report.best {
+        Some((step, nll)) => println!(
+            "validation: {} ({}); best {nll:.4} at step {step}, {}; wrote {} (state in {})",
+            report
+                .validation
+                .iter()
+                .map(|(s, l)| format!("{s}:{l:.4}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            match report.stopped {
+                tp::Stopped::Plateau => "stopped at the plateau",
+                tp::Stopped::Steps => "the step budget ran out",
+            },
+            if step == 0 { "the start" } else { "kept" },
+            args.out.display(),
+            checkpoint.display()
+        ),
+        None => println!(
+            "wrote {} after {} steps (state in {})",
+            args.out.display(),
+            losses.len(),
+            checkpoint.display()
+        ),
+    }
     Ok(())
+}
+
+/// The constant rows of the soft prompt at `path` (its bias), checked to be
+/// a soft prompt of `init`'s shape.
+#[cfg(feature = "train")]
+fn soft_prompt_constant(
+    path: &std::path::Path,
+    init: &crate::projector::Projector,
+) -> anyhow::Result<Vec<f32>> {
+    let soft = crate::projector::Projector::load(path)?;
+    let (weight, bias) = soft.parameters();
+    anyhow::ensure!(
+        weight.iter().all(|&w| w == 0.0),
+        "--constant {}: its weight is not 0, so it is not a soft prompt (make one with --bias-only)",
+        path.display()
+    );
+    anyhow::ensure!(
+        (soft.k(), soft.n_embd(), soft.row_norm()) == (init.k(), init.n_embd(), init.row_norm()),
+        "--constant {}: K {}, width {}, row norm {:?}; the starting projector has K {}, width {}, row norm {:?}",
+        path.display(),
+        soft.k(),
+        soft.n_embd(),
+        soft.row_norm(),
+        init.k(),
+        init.n_embd(),
+        init.row_norm()
+    );
+    Ok(bias.to_vec())
 }
 
 #[cfg(not(feature = "train"))]

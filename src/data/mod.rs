@@ -1,7 +1,9 @@
 //! Conversation data for training and evaluating world models: the
-//! `context<TAB>next_turn` pairs files ([`pairs`]) and the converter from the
-//! chitchat corpus ([`chitchat`]).
+//! `context<TAB>next_turn` pairs files ([`pairs`]) and the converters from
+//! the chitchat corpus ([`chitchat`]) and the chatterbot corpus
+//! ([`chatterbot`], an out-of-domain held-out set).
 
+pub mod chatterbot;
 pub mod chitchat;
 pub mod pairs;
 
@@ -33,6 +35,14 @@ pub enum DataError {
         ids: usize,
         pairs: usize,
     },
+
+    /// A world-contexts file that is not line for line its pairs file.
+    #[error("{}: {what}; it must hold the same pairs, line for line, as the pairs file it goes with (e.g. chitchat_pairs.valid.history.tsv with chitchat_pairs.valid.tsv; `make -B data` writes both)", path.display())]
+    Misaligned { path: PathBuf, what: String },
+
+    /// A chatterbot corpus file is not in the expected shape.
+    #[error("{}: not a chatterbot corpus (a folder of .yml files with a `conversations` list of turn lists): {reason}", path.display())]
+    Chatterbot { path: PathBuf, reason: String },
 
     /// The chitchat dataset is not in the expected shape.
     #[error("{}: not a chitchat dataset.json: {reason}", path.display())]

@@ -57,6 +57,32 @@ pub fn write(path: &Path, pairs: &[Pair]) -> Result<(), DataError> {
     })
 }
 
+/// The contexts the world model reads for `pairs`, from `path`: a pairs
+/// file that holds the same pairs line for line with other contexts (the
+/// conversation so far, `prepare-chitchat`'s `.history.tsv`). Its replies
+/// must be `pairs`' replies, in the same order.
+pub fn world_contexts(path: &Path, pairs: &[Pair]) -> Result<Vec<String>, DataError> {
+    let twins = read(path)?;
+    let misaligned = |what: String| DataError::Misaligned {
+        path: path.to_path_buf(),
+        what,
+    };
+    if twins.len() != pairs.len() {
+        return Err(misaligned(format!(
+            "{} pairs where the pairs file has {}",
+            twins.len(),
+            pairs.len()
+        )));
+    }
+    if let Some(i) = twins.iter().zip(pairs).position(|(t, p)| t.next != p.next) {
+        return Err(misaligned(format!(
+            "pair {} has another reply than the pairs file's",
+            i + 1
+        )));
+    }
+    Ok(twins.into_iter().map(|t| t.context).collect())
+}
+
 /// Where the conversation ids of the pairs in `path` are kept: the same
 /// name with the extension `.conversations`.
 pub fn conversations_path(path: &Path) -> PathBuf {

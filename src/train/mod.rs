@@ -5,8 +5,10 @@
 //!   forward pass is tested and benchmarked against;
 //! - [`trainer`]: the JEPA training loop behind `tofy train-world`;
 //! - [`llama`]: a frozen Llama with a gradient to its input rows, and
-//!   [`projector`]: the projector trained through it (`tofy train-projector`).
+//!   [`projector`]: the projector trained through it (`tofy train-projector`),
+//!   with [`adam`], an AdamW whose state a checkpoint can hold.
 
+pub mod adam;
 pub mod llama;
 pub mod model;
 pub mod projector;
@@ -43,6 +45,10 @@ pub enum TrainError {
     /// A checkpoint (for `--init-encoder`, or the output) failed.
     #[error(transparent)]
     World(#[from] WorldError),
+
+    /// A projector could not be written or read.
+    #[error(transparent)]
+    Projector(#[from] crate::projector::ProjectorError),
 
     /// candle reported an error during training.
     #[error("training failed in candle: {0}")]
