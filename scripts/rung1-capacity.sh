@@ -83,6 +83,7 @@ for split in valid heldout; do
     jq -r '"\(input_filename): \(.n) pairs from \(.conversations) conversations (\(.bootstrap) bootstrap), \(.modes.prefix.tokens) reply tokens\n",
            (.modes | to_entries[] | "| \(.key) | \(.value.nll * 10000 | round / 10000) |"), "",
            (.paired | to_entries[] | "| \(.key) | \(.value.mean * 10000 | round / 10000) | [\(.value.lo * 10000 | round / 10000), \(.value.hi * 10000 | round / 10000)] |"),
-           "capacity reached: \(.capacity_reached.mean * 1000 | round / 1000) [\(.capacity_reached.lo * 1000 | round / 1000), \(.capacity_reached.hi * 1000 | round / 1000)]"' \
+           (if .capacity_reached then "capacity reached: \(.capacity_reached.mean * 1000 | round / 1000) [\(.capacity_reached.lo * 1000 | round / 1000), \(.capacity_reached.hi * 1000 | round / 1000)]"
+            else "capacity reached: none (the oracle does not beat the soft prompt)" end)' \
         "$out/$split.json"
 done

@@ -217,8 +217,10 @@ pub struct EvalReport {
     pub oracle_projector: Option<String>,
     /// `(soft_prompt - prefix) / (soft_prompt - oracle)`: the fraction of
     /// what a perfect prediction adds over the best constant that the world
-    /// model's prediction reaches, when all three were scored (the interval
-    /// from the same resamples; wide when the denominator is near 0).
+    /// model's prediction reaches, when all three were scored and the
+    /// oracle beats the soft prompt (otherwise there is no capacity to
+    /// reach and the ratio means nothing: `None`). The interval comes from
+    /// the same resamples; it is wide when the denominator is near 0.
     pub capacity_reached: Option<Interval>,
     /// What the bootstrap resamples: `conversations` or `pairs`.
     pub bootstrap: &'static str,
@@ -694,26 +696,30 @@ pub fn report(
         })
         .collect();
     let has = |m: EvalMode| options.modes.contains(&m);
-    let capacity_reached =
-        (has(EvalMode::SoftPrompt) && has(EvalMode::Prefix) && has(EvalMode::Oracle)).then(|| {
-            // Token-weighted sums, as every difference here.
-            let ratio = |idx: &mut dyn Iterator<Item = usize>| {
-                let (mut reached, mut capacity) = (0.0, 0.0);
-                for i in idx {
-                    let n = &scores[i].nll;
-                    reached += n[&EvalMode::SoftPrompt] - n[&EvalMode::Prefix];
-                    capacity += n[&EvalMode::SoftPrompt] - n[&EvalMode::Oracle];
-                }
-                reached / capacity
-            };
-            let mean = ratio(&mut (0..scores.len()));
-            let mut boot: Vec<f64> = draws
-                .iter()
-                .map(|d| ratio(&mut d.iter().copied()))
-                .collect();
-            boot.sort_by(f64::total_cmp);
-            percentile_interval(mean, &boot)
-        });
+    let total = |m: EvalMode| scores.iter().map(|s| s.nll[&m]).sum::<f64>();
+    let capacity_reached = (has(EvalMode::SoftPrompt)
+        && has(EvalMode::Prefix)
+        && has(EvalMode::Oracle)
+        && total(EvalMode::Oracle) < total(EvalMode::SoftPrompt))
+    .then(|| {
+        // Token-weighted sums, as every difference here.
+        let ratio = |idx: &mut dyn Iterator<Item = usize>| {
+            let (mut reached, mut capacity) = (0.0, 0.0);
+            for i in idx {
+                let n = &scores[i].nll;
+                reached += n[&EvalMode::SoftPrompt] - n[&EvalMode::Prefix];
+                capacity += n[&EvalMode::SoftPrompt] - n[&EvalMode::Oracle];
+            }
+            reached / capacity
+        };
+        let mean = ratio(&mut (0..scores.len()));
+        let mut boot: Vec<f64> = draws
+            .iter()
+            .map(|d| ratio(&mut d.iter().copied()))
+            .collect();
+        boot.sort_by(f64::total_cmp);
+        percentile_interval(mean, &boot)
+    });
     EvalReport {
         n: scores.len(),
         gguf,

@@ -520,7 +520,7 @@ fn prepare_chatterbot_on_a_synthetic_corpus() {
     std::fs::create_dir(&corpus).unwrap();
     std::fs::write(
         corpus.join("b_science.yml"),
-        "categories:\n- science\nconversations:\n- - what is two plus two\n  - 4\n- - what is two plus two\n  - four,\n    of course\n- - lonely turn\n- not a list\n",
+        "categories:\n- science\nconversations:\n- - what is two plus two\n  - 4\n- - what is two plus two\n  - four,\n    of course\n- - lonely turn\n- not a list\n- - a question\n  - - nested\n",
     )
     .unwrap();
     std::fs::write(
@@ -532,7 +532,7 @@ fn prepare_chatterbot_on_a_synthetic_corpus() {
     let out = dir.path().join("ood.tsv");
     let done = tofy::data::chatterbot::prepare(&corpus, &out).unwrap();
     assert_eq!((done.files, done.conversations, done.pairs), (2, 3, 4));
-    assert_eq!(done.malformed, ["b_science 4"]);
+    assert_eq!(done.malformed, ["b_science 4", "b_science 5"]);
     // Files in name order; a bare number is a turn; a folded line is one line.
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),

@@ -161,6 +161,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         patience: 3,
         checkpoint: None,
         run: "test".into(),
+        inputs: "test".into(),
     };
     let mut last = None;
     let report = tp::train(
@@ -251,8 +252,9 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     assert_eq!(a, b, "one set of rows for every vector");
 
     // Validation, the plateau and the checkpoint, on oracle vectors from
-    // the soft prompt's constant: a run stopped after one step and resumed
-    // ends where an uninterrupted run ends.
+    // the soft prompt's constant: a run stopped after 3 steps (off the
+    // validation grid of every 2) and resumed ends where an uninterrupted
+    // run of 4 ends.
     let resumable = |out: &Path, steps: &str| {
         let args = [
             "--vectors",
@@ -264,7 +266,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
             "--valid-n",
             "4",
             "--eval-every",
-            "1",
+            "2",
             "--patience",
             "5",
             "--steps",
@@ -273,16 +275,20 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         train(out, &args)
     };
     let straight = dir.path().join("straight.safetensors");
-    let stderr = resumable(&straight, "2");
-    assert!(stderr.contains("step 0: validation"), "{stderr}");
-    assert!(stderr.contains("step 2: validation"), "{stderr}");
+    let stderr = resumable(&straight, "4");
+    for step in [0, 2, 4] {
+        assert!(
+            stderr.contains(&format!("step {step}: validation")),
+            "{stderr}"
+        );
+    }
     let stopped = dir.path().join("stopped.safetensors");
-    resumable(&stopped, "1");
-    let stderr = resumable(&stopped, "2");
+    let first = resumable(&stopped, "3");
+    let stderr = resumable(&stopped, "4");
     assert!(stderr.contains("resuming"), "{stderr}");
     assert!(
-        !stderr.contains("step 1: validation"),
-        "step 1 was not trained again: {stderr}"
+        !first.contains("step 3: validation") && !stderr.contains("step 2: validation"),
+        "only the grid is scored, once: {first} {stderr}"
     );
     let state = |p: &Path| {
         let mut run = p.as_os_str().to_owned();
@@ -317,6 +323,8 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
         &dir.path().join("history.safetensors"),
         &[
             "--steps",
+            "1",
+            "--eval-every",
             "1",
             "--valid",
             path.to_str().unwrap(),

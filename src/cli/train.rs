@@ -54,7 +54,7 @@ pub fn prepare_chatterbot(args: PrepareChatterbotArgs) -> anyhow::Result<()> {
             String::new()
         } else {
             format!(
-                " ({} entries that are not a list of turns left out: {})",
+                " ({} entries that are not a list of text turns left out: {})",
                 done.malformed.len(),
                 done.malformed.join(", ")
             )

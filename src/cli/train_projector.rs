@@ -160,16 +160,24 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     };
     let (picked, contexts) = read(&args.pairs, args.world_contexts.clone(), args.n)?;
     let (valid_pairs, valid_contexts) = match &args.valid {
-        Some(path) => read(
-            path,
-            args.world_contexts
+        Some(path) => {
+            let twin = args
+                .world_contexts
                 .as_ref()
-                .map(|_| crate::data::chitchat::history_path(path)),
-            args.valid_n,
-        )?,
+                .map(|_| crate::data::chitchat::history_path(path));
+            if let Some(twin) = twin.as_ref().filter(|t| !t.exists()) {
+                anyhow::bail!(
+                    "--world-contexts needs --valid's history twin too, {}, which is missing (`tofy prepare-chitchat` writes it beside {})",
+                    twin.display(),
+                    path.display()
+                );
+            }
+            read(path, twin, args.valid_n)?
+        }
         None => (Vec::new(), Vec::new()),
     };
     let world = args.world.load()?;
+    let world_source = world.model_path().display().to_string();
     let vectors_of =
         |pairs: &[pairs::Pair], contexts: &[String]| -> anyhow::Result<Vec<Vec<f32>>> {
             Ok(match args.vectors {
@@ -217,7 +225,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     let valid = if valid_pairs.is_empty() {
         Vec::new()
     } else {
-        tp::examples(
+        let valid = tp::examples(
             &engine,
             &valid_pairs,
             &valid_vectors,
@@ -225,7 +233,13 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
             &end_of_turn,
             args.max_tokens as usize,
         )?
-        .1
+        .1;
+        anyhow::ensure!(
+            !valid.is_empty(),
+            "every --valid pair is longer than --max-tokens {}",
+            args.max_tokens
+        );
+        valid
     };
     let constant = match &args.constant {
         Some(path) => Some(soft_prompt_constant(path, &init)?),
@@ -254,63 +268,26 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
             weight_rate,
         },
     )?;
-    let start = match (&args.constant, args.keep_weight) {
-        (Some(path), _) => format!("the constant of {}, the weight at 0", path.display()),
-        (None, true) => init.source().to_string(),
-        (None, false) => format!(
-            "{}'s rows of the mean vector, the weight at 0",
-            init.source()
+    let checkpoint = checkpoint_path(&args.out);
+    let train_config = ProjectorTrainConfig {
+        steps: args.steps,
+        batch: args.batch as usize,
+        lr: args.lr,
+        seed: args.seed,
+        log_every: args.log_every,
+        eval_every: args.eval_every as usize,
+        patience: args.patience as usize,
+        checkpoint: Some(checkpoint.clone()),
+        run: run_key(&args, &init, examples.len(), valid.len(), weight_rate),
+        inputs: format!(
+            "world model {}, decoder {}, at most {} positions",
+            world_source,
+            gguf.display(),
+            args.max_tokens
         ),
     };
-    let what = if args.bias_only {
-        "a soft prompt (weight 0, bias only)".to_string()
-    } else {
-        format!(
-            "a projector of {} vectors{}",
-            args.vectors.name(),
-            if args.keep_weight {
-                ""
-            } else {
-                " (input centred on their mean)"
-            }
-        )
-    };
-    // Everything that makes two runs the same run: a checkpoint of another
-    // is refused.
-    let run = format!(
-        "{what}; {} pairs of {}{} (seed {}), batch {}, lr {}{}, from {start}; validation: {}",
-        examples.len(),
-        args.pairs.display(),
-        match &args.world_contexts {
-            Some(path) => format!(" (the world model reading {})", path.display()),
-            None => String::new(),
-        },
-        args.seed,
-        args.batch,
-        args.lr,
-        if args.bias_only || args.keep_weight {
-            String::new()
-        } else {
-            format!(
-                " (the weight's {:.3e}, {} x balanced)",
-                args.lr * weight_rate,
-                args.weight_lr_scale
-            )
-        },
-        match &args.valid {
-            Some(path) => format!(
-                "{} pairs of {}, every {} steps, patience {}",
-                valid.len(),
-                path.display(),
-                args.eval_every,
-                args.patience
-            ),
-            None => "none".to_string(),
-        }
-    );
-    let checkpoint = checkpoint_path(&args.out);
     // A checkpoint of another run is refused before any work.
-    tp::check_checkpoint(&checkpoint, &run)?;
+    tp::check_checkpoint(&checkpoint, &train_config)?;
     eprintln!(
         "train-projector: {} pairs of {} ({skipped} longer than {} positions left out), {} shared prompt tokens, K={} from {}",
         examples.len(),
@@ -334,18 +311,8 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         agreement.max_reply,
         tp::MAX_REPLY_DISAGREEMENT
     );
-    let train_config = ProjectorTrainConfig {
-        steps: args.steps,
-        batch: args.batch as usize,
-        lr: args.lr,
-        seed: args.seed,
-        log_every: args.log_every,
-        eval_every: args.eval_every as usize,
-        patience: args.patience as usize,
-        checkpoint: Some(checkpoint.clone()),
-        run: run.clone(),
-    };
     let out = &args.out;
+    let run = &train_config.run;
     let mut save = |p: &crate::projector::Projector, step: usize| {
         p.save(
             out,
@@ -360,6 +327,89 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         &train_config,
         &mut save,
     )?;
+    // A resumed run that finds no new best writes nothing: its --out is
+    // the earlier run's, which must still be there.
+    anyhow::ensure!(
+        args.out.exists(),
+        "{} is gone, and its run ended before this one started, so there is nothing to write it from; delete {} to run again",
+        args.out.display(),
+        checkpoint.display()
+    );
+    print_report(&report, &args.out, &checkpoint);
+    Ok(())
+}
+
+/// What a run is, for its checkpoint: everything that makes two runs the
+/// same run but the step budget (a run can be resumed with a larger one).
+#[cfg(feature = "train")]
+fn run_key(
+    args: &TrainProjectorArgs,
+    init: &crate::projector::Projector,
+    examples: usize,
+    valid: usize,
+    weight_rate: f64,
+) -> String {
+    let start = match (&args.constant, args.keep_weight) {
+        (Some(path), _) => format!("the constant of {}, the weight at 0", path.display()),
+        (None, true) => init.source().to_string(),
+        (None, false) => format!(
+            "{}'s rows of the mean vector, the weight at 0",
+            init.source()
+        ),
+    };
+    let what = if args.bias_only {
+        "a soft prompt (weight 0, bias only)".to_string()
+    } else {
+        format!(
+            "a projector of {} vectors{}",
+            args.vectors.name(),
+            if args.keep_weight {
+                ""
+            } else {
+                " (input centred on their mean)"
+            }
+        )
+    };
+    format!(
+        "{what}; {examples} pairs of {}{} (seed {}), batch {}, lr {}{}, from {start}; validation: {}",
+        args.pairs.display(),
+        match &args.world_contexts {
+            Some(path) => format!(" (the world model reading {})", path.display()),
+            None => String::new(),
+        },
+        args.seed,
+        args.batch,
+        args.lr,
+        if args.bias_only || args.keep_weight {
+            String::new()
+        } else {
+            format!(
+                " (the weight's {:.3e}, {} x balanced)",
+                args.lr * weight_rate,
+                args.weight_lr_scale
+            )
+        },
+        match &args.valid {
+            Some(path) => format!(
+                "{valid} pairs of {}, every {} steps, patience {}",
+                path.display(),
+                args.eval_every,
+                args.patience
+            ),
+            None => "none".to_string(),
+        }
+    )
+}
+
+/// The run's summary on stdout: the training loss, the validation scores
+/// and what was written.
+#[cfg(feature = "train")]
+fn print_report(
+    report: &crate::train::projector::ProjectorTrainReport,
+    out: &std::path::Path,
+    checkpoint: &std::path::Path,
+) {
+    use crate::train::projector::Stopped;
     let mean = |l: &[f32]| l.iter().sum::<f32>() / l.len().max(1) as f32;
     let losses = &report.losses;
     let tenth = (losses.len() / 10).max(1);
@@ -386,21 +436,20 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(" "),
             match report.stopped {
-                tp::Stopped::Plateau => "stopped at the plateau",
-                tp::Stopped::Steps => "the step budget ran out",
+                Stopped::Plateau => "stopped at the plateau",
+                Stopped::Steps => "the step budget ran out",
             },
             if step == 0 { "the start" } else { "kept" },
-            args.out.display(),
+            out.display(),
             checkpoint.display()
         ),
         None => println!(
             "wrote {} after {} steps (state in {})",
-            args.out.display(),
+            out.display(),
             losses.len(),
             checkpoint.display()
         ),
     }
-    Ok(())
 }
 
 /// The constant rows of the soft prompt at `path` (its bias), checked to be

@@ -28,7 +28,8 @@ pub struct Prepared {
     pub files: usize,
     pub conversations: usize,
     pub pairs: usize,
-    /// Entries that are not a list of turns (`file index`, 1-based), left out.
+    /// Entries that are not a list of text turns (`file index`, 1-based),
+    /// left out.
     pub malformed: Vec<String>,
 }
 
@@ -62,17 +63,19 @@ pub fn prepare(dir: &Path, out: &Path) -> Result<Prepared, DataError> {
             return Err(invalid(file, "no `conversations` list".into()));
         };
         for (i, conversation) in list.iter().enumerate() {
-            // The corpus has a few entries that are not lists (a missing
-            // "- " in trivia.yml): they are counted and left out.
+            // The corpus has an entry that is not a list (a missing "- " in
+            // trivia.yml): such entries are counted and left out.
             let Some(list) = conversation.as_vec() else {
                 malformed.push(format!("{stem} {}", i + 1));
                 continue;
             };
-            let turns: Vec<String> = list
-                .iter()
-                .filter_map(turn_text)
-                .filter(|t| !t.is_empty())
-                .collect();
+            // A turn that is not text (a nested list, a null) would pair
+            // two turns that were not adjacent: the entry is malformed.
+            let Some(turns) = list.iter().map(turn_text).collect::<Option<Vec<String>>>() else {
+                malformed.push(format!("{stem} {}", i + 1));
+                continue;
+            };
+            let turns: Vec<String> = turns.into_iter().filter(|t| !t.is_empty()).collect();
             if turns.len() < 2 {
                 continue;
             }
@@ -109,7 +112,7 @@ pub fn prepare(dir: &Path, out: &Path) -> Result<Prepared, DataError> {
 }
 
 /// A turn's text on one line: YAML strings, and the numbers and booleans a
-/// bare answer parses as ("42", "yes").
+/// bare answer parses as (`42`, `true`); `None` for anything else.
 fn turn_text(turn: &Yaml) -> Option<String> {
     let text = match turn {
         Yaml::String(s) | Yaml::Real(s) => s.clone(),

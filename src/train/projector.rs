@@ -269,8 +269,8 @@ pub struct TrainableProjector {
 
 impl TrainableProjector {
     /// Starts from `init` (its K, width and row norm are kept) as `start`
-    /// says. With `keep_weight` and no `constant`, its rows are `init`'s for
-    /// every vector; otherwise they start the same for every vector.
+    /// says. With `keep_weight` its rows are `init`'s for every vector;
+    /// otherwise they start the same for every vector.
     pub fn new(init: &Projector, start: Start) -> candle_core::Result<Self> {
         let (weight, bias) = init.parameters();
         let (rows, dim) = (init.k() * init.n_embd(), init.bridge_dim());
@@ -280,8 +280,10 @@ impl TrainableProjector {
                 start.centre.len()
             );
         }
-        if start.bias_only && start.keep_weight {
-            candle_core::bail!("a soft prompt's weight is 0; it cannot keep the starting weight");
+        if start.keep_weight && (start.bias_only || start.constant.is_some()) {
+            candle_core::bail!(
+                "the starting weight is kept only with the starting projector's own rows (not with a soft prompt or its constant)"
+            );
         }
         // The raw rows of `centre`: with the input centred, the bias that
         // gives the same rows is b + W centre.
@@ -508,8 +510,13 @@ pub struct ProjectorTrainConfig {
     /// existing one continues from it.
     pub checkpoint: Option<PathBuf>,
     /// Names the run (data, vectors, hyper-parameters): a checkpoint of
-    /// another run is refused rather than continued.
+    /// another run is refused rather than continued. The step budget is
+    /// not part of it: a run can be resumed with a larger one.
     pub run: String,
+    /// Names the files the run reads (world model, decoder, length limit):
+    /// kept apart from `run` so that checkpoints written before it existed
+    /// still resume.
+    pub inputs: String,
 }
 
 /// Why a run stopped.
@@ -577,7 +584,7 @@ struct RunState {
 
 fn save_checkpoint(
     path: &Path,
-    run: &str,
+    config: &ProjectorTrainConfig,
     projector: &TrainableProjector,
     adam: &Adam,
     state: &RunState,
@@ -605,7 +612,8 @@ fn save_checkpoint(
     let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
     let mut meta = HashMap::from([
         ("tofy.format".to_string(), CHECKPOINT_FORMAT.to_string()),
-        ("run".to_string(), run.to_string()),
+        ("run".to_string(), config.run.clone()),
+        ("inputs".to_string(), config.inputs.clone()),
         ("step".to_string(), state.step.to_string()),
         ("adam_steps".to_string(), adam.steps().to_string()),
         ("stale".to_string(), state.stale.to_string()),
@@ -628,92 +636,106 @@ fn save_checkpoint(
 /// Whether `path`, when it exists, is a checkpoint this run can continue
 /// (the check [`train`] makes before resuming, for a caller that wants it
 /// before any work).
-pub fn check_checkpoint(path: &Path, run: &str) -> Result<(), TrainError> {
+pub fn check_checkpoint(path: &Path, config: &ProjectorTrainConfig) -> Result<(), TrainError> {
     if !path.exists() {
         return Ok(());
     }
-    let file = Checkpoint::open(path)?;
-    run_metadata(path, &file, run).map(drop)
+    RunMeta::read(path, &Checkpoint::open(path)?, config).map(drop)
 }
 
-/// The metadata of a checkpoint of `run`; an error naming the file and
-/// what to do for any other.
-fn run_metadata(
-    path: &Path,
-    file: &Checkpoint,
-    run: &str,
-) -> Result<HashMap<String, String>, TrainError> {
-    let bad = |what: String| {
+/// A checkpoint's metadata, checked to be of one run; its errors name the
+/// file and say what to do.
+struct RunMeta<'a> {
+    path: &'a Path,
+    map: HashMap<String, String>,
+}
+
+impl<'a> RunMeta<'a> {
+    fn read(
+        path: &'a Path,
+        file: &Checkpoint,
+        config: &ProjectorTrainConfig,
+    ) -> Result<Self, TrainError> {
+        let meta = Self {
+            path,
+            map: file.metadata().cloned().unwrap_or_default(),
+        };
+        if meta.get("tofy.format").ok() != Some(CHECKPOINT_FORMAT) {
+            return Err(meta.bad("it is not a train-projector checkpoint".into()));
+        }
+        if meta.get("run")? != config.run {
+            return Err(meta.bad(format!(
+                "it is the checkpoint of another run ({}), not of this one ({})",
+                meta.get("run")?,
+                config.run
+            )));
+        }
+        // Checkpoints written before `inputs` was kept cannot be checked.
+        if let Some(inputs) = meta.map.get("inputs")
+            && *inputs != config.inputs
+        {
+            return Err(meta.bad(format!(
+                "it was trained on other inputs ({inputs}), not this run's ({})",
+                config.inputs
+            )));
+        }
+        Ok(meta)
+    }
+
+    fn bad(&self, what: String) -> TrainError {
         TrainError::Invalid(format!(
             "{}: {what}; delete it to start the run afresh",
-            path.display()
+            self.path.display()
         ))
-    };
-    let meta = file.metadata().cloned().unwrap_or_default();
-    let get = |key: &str| {
-        meta.get(key).map(String::as_str).ok_or_else(|| {
-            bad(format!(
-                "no '{key}' in its metadata (not a train-projector checkpoint)"
-            ))
-        })
-    };
-    if get("tofy.format")? != CHECKPOINT_FORMAT {
-        return Err(bad("not a train-projector checkpoint".into()));
     }
-    if get("run")? != run {
-        return Err(bad(format!(
-            "it is the checkpoint of another run ({}), not of this one ({run})",
-            get("run")?
-        )));
+
+    fn get(&self, key: &str) -> Result<&str, TrainError> {
+        self.map
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| self.bad(format!("no '{key}' in its metadata")))
     }
-    Ok(meta)
+
+    fn number(&self, key: &str) -> Result<usize, TrainError> {
+        self.get(key)?
+            .parse()
+            .map_err(|_| self.bad(format!("'{key}' is not a number")))
+    }
+
+    /// A `step:loss` entry.
+    fn scored(&self, s: &str) -> Result<(usize, f64), TrainError> {
+        s.split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| self.bad(format!("'{s}' is not step:loss")))
+    }
 }
 
 /// Reads a checkpoint back into `projector` and `adam`; refuses one of
 /// another run.
 fn load_checkpoint(
     path: &Path,
-    run: &str,
+    config: &ProjectorTrainConfig,
     projector: &TrainableProjector,
     adam: &mut Adam,
 ) -> Result<RunState, TrainError> {
-    let bad = |what: String| {
-        TrainError::Invalid(format!(
-            "{}: {what}; delete it to start the run afresh",
-            path.display()
-        ))
-    };
     let file = Checkpoint::open(path)?;
-    let meta = run_metadata(path, &file, run)?;
-    let get = |key: &str| {
-        meta.get(key)
-            .map(String::as_str)
-            .ok_or_else(|| bad(format!("no '{key}' in its metadata")))
-    };
-    let number = |key: &str| -> Result<usize, TrainError> {
-        get(key)?
-            .parse()
-            .map_err(|_| bad(format!("'{key}' is not a number")))
-    };
-    let scored = |s: &str| -> Result<(usize, f64), TrainError> {
-        s.split_once(':')
-            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-            .ok_or_else(|| bad(format!("'{s}' is not step:loss")))
-    };
-    let losses = get("losses")?
+    let meta = RunMeta::read(path, &file, config)?;
+    let losses = meta
+        .get("losses")?
         .split(',')
         .filter(|s| !s.is_empty())
         .map(|l| {
             l.parse()
-                .map_err(|_| bad(format!("loss '{l}' is not a number")))
+                .map_err(|_| meta.bad(format!("loss '{l}' is not a number")))
         })
         .collect::<Result<Vec<f32>, _>>()?;
-    let validation = get("validation")?
+    let validation = meta
+        .get("validation")?
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(scored)
+        .map(|v| meta.scored(v))
         .collect::<Result<Vec<_>, _>>()?;
-    let best = meta.get("best").map(|b| scored(b)).transpose()?;
+    let best = meta.map.get("best").map(|b| meta.scored(b)).transpose()?;
     let tensor = |name: &str, like: &Tensor| -> Result<Tensor, TrainError> {
         let values = file.vector(name, like.elem_count())?;
         Ok(Tensor::from_vec(
@@ -725,9 +747,7 @@ fn load_checkpoint(
     let (weight, bias) = projector.state();
     let centre = file.vector("centre", projector.centre.len())?;
     if centre.iter().zip(&projector.centre).any(|(a, b)| a != b) {
-        return Err(bad(
-            "its centre differs from this run's (other vectors)".into()
-        ));
+        return Err(meta.bad("its centre differs from this run's (other vectors)".into()));
     }
     projector.restore(&tensor("weight", &weight)?, &tensor("bias", &bias)?)?;
     let moments = projector
@@ -741,17 +761,17 @@ fn load_checkpoint(
             ))
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
-    adam.restore(number("adam_steps")?, moments)?;
-    let step = number("step")?;
+    adam.restore(meta.number("adam_steps")?, moments)?;
+    let step = meta.number("step")?;
     if losses.len() != step {
-        return Err(bad(format!("{} losses for {step} steps", losses.len())));
+        return Err(meta.bad(format!("{} losses for {step} steps", losses.len())));
     }
     Ok(RunState {
         step,
         losses,
         validation,
         best,
-        stale: number("stale")?,
+        stale: meta.number("stale")?,
     })
 }
 
@@ -775,7 +795,7 @@ pub fn train(
     let mut adam = Adam::with_rates(projector.rated_vars(), AdamParams::new(config.lr))?;
     let mut state = match &config.checkpoint {
         Some(path) if path.exists() => {
-            let state = load_checkpoint(path, &config.run, projector, &mut adam)?;
+            let state = load_checkpoint(path, config, projector, &mut adam)?;
             eprintln!(
                 "train-projector: resuming {} at step {} (best {})",
                 path.display(),
@@ -807,9 +827,16 @@ pub fn train(
     }
     let every = config.eval_every.max(1);
     // Scores the validation examples at the current step (a new best goes
-    // to `on_best`) and writes the checkpoint; true at the plateau.
-    let mut score = |state: &mut RunState, adam: &Adam| -> Result<bool, TrainError> {
-        if !valid.is_empty() && state.validation.last().map(|v| v.0) != Some(state.step) {
+    // to `on_best`) when `validate`, and writes the checkpoint; true at the
+    // plateau. Only steps on the `eval_every` grid are scored, so that a
+    // run stopped by a small --steps and resumed with a larger one scores
+    // the steps an uninterrupted run scores.
+    let mut score = |state: &mut RunState,
+                     adam: &Adam,
+                     validate: bool|
+     -> Result<bool, TrainError> {
+        if validate && !valid.is_empty() && state.validation.last().map(|v| v.0) != Some(state.step)
+        {
             let loss = validation_nll(scorer, projector, valid, config.batch)?;
             state.validation.push((state.step, loss));
             let better = state.best.is_none_or(|(_, best)| loss < best);
@@ -828,12 +855,13 @@ pub fn train(
             }
         }
         if let Some(path) = &config.checkpoint {
-            save_checkpoint(path, &config.run, projector, adam, state)?;
+            save_checkpoint(path, config, projector, adam, state)?;
         }
         Ok(!valid.is_empty() && state.stale >= config.patience.max(1))
     };
     let mut stopped = Stopped::Steps;
-    if score(&mut state, &adam)? {
+    let on_grid = state.step % every == 0;
+    if score(&mut state, &adam, on_grid)? {
         stopped = Stopped::Plateau;
     }
     while stopped == Stopped::Steps && state.step < config.steps {
@@ -865,7 +893,8 @@ pub fn train(
                 started.elapsed().as_secs_f64() / (step - resumed_at) as f64
             );
         }
-        if (step % every == 0 || step == config.steps) && score(&mut state, &adam)? {
+        let on_grid = step % every == 0;
+        if (on_grid || step == config.steps) && score(&mut state, &adam, on_grid)? {
             stopped = Stopped::Plateau;
         }
     }
