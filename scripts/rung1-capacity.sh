@@ -23,7 +23,9 @@
 #
 # Then validation (120 pairs, seed 0) and one held-out read: the 500 seed-0 pairs after the 500
 # that rung 0 and earlier read (`--skip 500`), modes prefix, mismatched_prefix, soft_prompt,
-# oracle, mismatched_oracle. Skipped with HELDOUT=0.
+# oracle, mismatched_oracle. Skipped with HELDOUT=0. Then the same modes on 500 pairs of the
+# out-of-domain set (`make data-ood`, data/chatterbot_pairs.tsv, seed 0), read once, reported
+# whatever they are (skipped with OOD=0 or without the set).
 #
 # The decision rule, written before any of these numbers was read: rung 1 changes no default
 # (its projector reads the fit-split world model, which is not embedded; a world model and its
@@ -78,7 +80,12 @@ if [ "${HELDOUT:-1}" = 1 ] && [ ! -f "$out/heldout.json" ]; then
         "${score[@]}" --per-pair "$out/heldout-per-pair.tsv" >"$out/heldout.json"
 fi
 
-for split in valid heldout; do
+if [ "${OOD:-1}" = 1 ] && [ -f data/chatterbot_pairs.tsv ] && [ ! -f "$out/ood.json" ]; then
+    "$tofy" eval-conditioning data/chatterbot_pairs.tsv --n 500 \
+        "${score[@]}" --per-pair "$out/ood-per-pair.tsv" >"$out/ood.json"
+fi
+
+for split in valid heldout ood; do
     [ -f "$out/$split.json" ] || continue
     jq -r '"\(input_filename): \(.n) pairs from \(.conversations) conversations (\(.bootstrap) bootstrap), \(.modes.prefix.tokens) reply tokens\n",
            (.modes | to_entries[] | "| \(.key) | \(.value.nll * 10000 | round / 10000) |"), "",
