@@ -309,92 +309,53 @@ fn steer(
     i: usize,
     ctx: &Steers<'_>,
 ) -> Result<(Steer, Option<ControlVector>), EvalError> {
-    let vector = |j: usize| Conditioning {
-        vector: ctx.vectors[j].clone(),
-        world_tokens: 0,
-        ablated: false,
-    };
-    let text = |c: Conditioning| Steer {
-        mode: CondMode::Text,
-        format: ctx.format,
-        conditioning: Some(c),
-        rows: None,
-        control: None,
-        world_time: Default::default(),
-    };
-    let prefix = |v: &[f32]| -> Result<Steer, EngineError> {
-        let projector = ctx.engine.prefix_projector()?;
-        Ok(Steer {
-            mode: CondMode::Prefix,
+    let steer =
+        |mode: CondMode, conditioning: Option<Conditioning>, rows: Option<Embeddings>| Steer {
+            mode,
             format: ctx.format,
-            conditioning: None,
-            rows: Some(projector.project(v)?),
+            conditioning,
+            rows,
             control: None,
             world_time: Default::default(),
-        })
+        };
+    let text = |j: usize| {
+        let vector = Conditioning {
+            vector: ctx.vectors[j].clone(),
+            world_tokens: 0,
+            ablated: false,
+        };
+        steer(CondMode::Text, Some(vector), None)
     };
-    let oracle = |v: &[f32]| -> Result<Steer, EvalError> {
-        let projector = ctx.oracle_projector.ok_or(EvalError::NoOracleProjector)?;
-        Ok(Steer {
-            mode: CondMode::Prefix,
-            format: ctx.format,
-            conditioning: None,
-            rows: Some(projector.project(v)?),
-            control: None,
-            world_time: Default::default(),
-        })
+    // The rows a projector makes of `v`, as the prefix.
+    let rows = |projector: &Projector, v: &[f32]| -> Result<Steer, EvalError> {
+        Ok(steer(CondMode::Prefix, None, Some(projector.project(v)?)))
     };
-    let none = || Steer {
-        mode: CondMode::None,
-        format: ctx.format,
-        conditioning: None,
-        rows: None,
-        control: None,
-        world_time: Default::default(),
-    };
+    let prefix = |v: &[f32]| rows(ctx.engine.prefix_projector()?, v);
+    let oracle = |v: &[f32]| rows(ctx.oracle_projector.ok_or(EvalError::NoOracleProjector)?, v);
     let control = |j: usize| -> Result<_, EvalError> {
         let (map, strength) = ctx.control.ok_or(EvalError::NoControl)?;
-        Ok((none(), Some(map.control(&ctx.vectors[j], *strength)?)))
+        Ok(Some(map.control(&ctx.vectors[j], *strength)?))
     };
-    if mode == EvalMode::Cvec {
-        return control(i);
-    }
-    if mode == EvalMode::MismatchedCvec {
-        return control(ctx.other[i]);
-    }
-    if mode == EvalMode::SoftPrompt {
-        let rows = ctx.soft_rows.ok_or(EvalError::NoSoftPrompt)?;
-        return Ok((
-            Steer {
-                mode: CondMode::Prefix,
-                format: ctx.format,
-                conditioning: None,
-                rows: Some(rows.clone()),
-                control: None,
-                world_time: Default::default(),
-            },
-            None,
-        ));
-    }
-    Ok((
-        match mode {
-            EvalMode::None => none(),
-            EvalMode::Text => text(vector(i)),
-            EvalMode::MismatchedText => text(vector(ctx.other[i])),
-            EvalMode::Prefix => prefix(&ctx.vectors[i])?,
-            EvalMode::MismatchedPrefix => prefix(&ctx.vectors[ctx.other[i]])?,
-            EvalMode::MeanPrefix => prefix(ctx.mean)?,
-            EvalMode::OraclePrefix => prefix(&ctx.oracle[i])?,
-            EvalMode::Oracle => oracle(&ctx.oracle[i])?,
-            EvalMode::MismatchedOracle => oracle(&ctx.oracle[ctx.other[i]])?,
-            // Instruction has no steer: `score_pair` lays it out itself.
-            EvalMode::Instruction
-            | EvalMode::Cvec
-            | EvalMode::MismatchedCvec
-            | EvalMode::SoftPrompt => unreachable!("handled before or above"),
-        },
-        None,
-    ))
+    let none = || steer(CondMode::None, None, None);
+    Ok(match mode {
+        EvalMode::None => (none(), None),
+        EvalMode::Text => (text(i), None),
+        EvalMode::MismatchedText => (text(ctx.other[i]), None),
+        EvalMode::Prefix => (prefix(&ctx.vectors[i])?, None),
+        EvalMode::MismatchedPrefix => (prefix(&ctx.vectors[ctx.other[i]])?, None),
+        EvalMode::MeanPrefix => (prefix(ctx.mean)?, None),
+        EvalMode::SoftPrompt => {
+            let soft = ctx.soft_rows.ok_or(EvalError::NoSoftPrompt)?;
+            (steer(CondMode::Prefix, None, Some(soft.clone())), None)
+        }
+        EvalMode::OraclePrefix => (prefix(&ctx.oracle[i])?, None),
+        EvalMode::Oracle => (oracle(&ctx.oracle[i])?, None),
+        EvalMode::MismatchedOracle => (oracle(&ctx.oracle[ctx.other[i]])?, None),
+        EvalMode::Cvec => (none(), control(i)?),
+        EvalMode::MismatchedCvec => (none(), control(ctx.other[i])?),
+        // `score_pair` lays the instruction out itself: it has no steer.
+        EvalMode::Instruction => unreachable!("score_pair handles the instruction mode"),
+    })
 }
 
 struct Steers<'a> {

@@ -370,51 +370,38 @@ fn every_mode_is_reported_and_equals_the_decoders_own_score() {
     let (prefix, none) = prefix_with(Some(&history));
     assert_eq!(none, plain.1);
     assert_ne!(prefix, plain.0);
-    // A twin with other replies is refused before any scoring.
+    // Bad invocations: one clear line each, before any scoring.
+    let failure = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
+            .arg("eval-conditioning")
+            .args(args)
+            .env("JEPA_DECODER_MODEL", common::smollm2())
+            .env("JEPA_DECODER_THREADS", "1")
+            .output()
+            .unwrap();
+        common::fails(out)
+    };
+    let pairs_file = path.to_str().unwrap();
+    // A twin with other replies.
     pairs::write(&history, &longer[1..]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
-        .arg("--world-contexts")
-        .arg(&history)
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .output()
-        .unwrap();
-    let line = common::fails(out);
+    let twin = history.to_str().unwrap();
+    let line = failure(&[pairs_file, "--n", "2", "--world-contexts", twin]);
     assert!(
         line.contains("7 pairs where the pairs file has 8"),
         "{line}"
     );
-
-    // The soft_prompt mode without a soft prompt: one clear line.
-    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
-        .args(["--modes", "soft_prompt,none"])
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .env("JEPA_DECODER_THREADS", "1")
-        .output()
-        .unwrap();
-    let line = common::fails(out);
-    assert!(line.contains("--soft-prompt FILE"), "{line}");
-    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["eval-conditioning", path.to_str().unwrap(), "--n", "2"])
-        .args(["--modes", "oracle,none"])
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .env("JEPA_DECODER_THREADS", "1")
-        .output()
-        .unwrap();
-    let line = common::fails(out);
-    assert!(line.contains("--oracle-projector FILE"), "{line}");
-
-    // Fewer than two pairs cannot be mismatched: one clear line.
+    // A mode without the file it needs names the option.
+    for (modes, option) in [
+        ("soft_prompt,none", "--soft-prompt FILE"),
+        ("oracle,none", "--oracle-projector FILE"),
+    ] {
+        let line = failure(&[pairs_file, "--n", "2", "--modes", modes]);
+        assert!(line.contains(option), "{line}");
+    }
+    // Fewer than two pairs cannot be mismatched.
     let one = dir.path().join("one.tsv");
     pairs::write(&one, &pairs[..1]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tofy"))
-        .args(["eval-conditioning", one.to_str().unwrap()])
-        .env("JEPA_DECODER_MODEL", common::smollm2())
-        .env("JEPA_DECODER_THREADS", "1")
-        .output()
-        .unwrap();
-    let line = common::fails(out);
+    let line = failure(&[one.to_str().unwrap()]);
     assert!(line.contains("at least 2 pairs"), "{line}");
 }
 
