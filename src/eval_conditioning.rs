@@ -276,6 +276,17 @@ pub fn world_vectors<S: AsRef<str>>(
         .collect())
 }
 
+/// `bridge(encoder(reply))` of each pair: the vector a perfect transition
+/// would predict (the oracle modes' input; one batched pass).
+pub fn reply_vectors(world: &WorldModel, pairs: &[Pair]) -> Result<Vec<Vec<f32>>, WorldError> {
+    let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
+    Ok(world
+        .encode_as_conditioning(&replies)?
+        .into_iter()
+        .map(|c| c.vector)
+        .collect())
+}
+
 /// The mean of `vectors` (all of one width): `mean_prefix`'s vector, and
 /// where a soft prompt starts.
 pub fn mean_vector(vectors: &[Vec<f32>]) -> Vec<f32> {
@@ -469,14 +480,7 @@ pub fn score_pairs(
     .map_err(EngineError::from)?;
     let mean = mean_vector(&vectors);
     let oracle: Vec<Vec<f32>> = if options.modes.iter().any(|m| m.reads_reply()) {
-        let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
-        engine
-            .world()
-            .encode_as_conditioning(&replies)
-            .map_err(EngineError::from)?
-            .into_iter()
-            .map(|c| c.vector)
-            .collect()
+        reply_vectors(engine.world(), pairs).map_err(EngineError::from)?
     } else {
         Vec::new()
     };

@@ -358,9 +358,8 @@ fn prepare_chitchat_on_a_synthetic_dataset() {
         assert_eq!(same_group(&kept.ids), same_group(&chained.ids), "{name}");
         // The history twin: the same replies and conversations, line for
         // line, with the conversation so far as the context.
-        let twin = tofy::data::chitchat::history_path(&path);
-        let contexts = tofy::data::pairs::world_contexts(&twin, &pairs).unwrap();
-        assert_eq!(contexts.len(), pairs.len());
+        let twin = tofy::data::pairs::history_path(&path);
+        tofy::data::pairs::world_contexts(&twin, &pairs).unwrap();
         let twin_pairs = tofy::data::pairs::read(&twin).unwrap();
         let twin_ids = tofy::data::pairs::conversations(&twin, &twin_pairs).unwrap();
         assert_eq!(twin_ids.source, "sidecar");
@@ -545,7 +544,7 @@ fn prepare_chatterbot_on_a_synthetic_corpus() {
         "a_food/do you eat\na_food/do you eat\nb_science/what is two plus two\nb_science/what is two plus two\n"
     );
     let pairs = tofy::data::pairs::read(&out).unwrap();
-    let twin = tofy::data::chitchat::history_path(&out);
+    let twin = tofy::data::pairs::history_path(&out);
     let contexts = tofy::data::pairs::world_contexts(&twin, &pairs).unwrap();
     assert_eq!(contexts[1], "do you eat | only electricity");
 

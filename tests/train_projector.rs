@@ -244,7 +244,16 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     let soft = Projector::load(&soft_file).unwrap();
     let (weight, bias) = soft.parameters();
     assert!(weight.iter().all(|&w| w == 0.0), "the weight stays 0");
-    assert_ne!(bias, init.parameters().1);
+    // It moved from where it started: the starting projector's rows of
+    // the pairs' mean vector.
+    let (w0, b0) = init.parameters();
+    let mean = tofy::eval_conditioning::mean_vector(&owned);
+    let moved = bias.iter().enumerate().any(|(r, b)| {
+        let w = &w0[r * init.bridge_dim()..(r + 1) * init.bridge_dim()];
+        let start = b0[r] + w.iter().zip(&mean).map(|(a, z)| a * z).sum::<f32>();
+        (b - start).abs() > 1e-4
+    });
+    assert!(moved, "training moved the soft prompt's rows");
     let (a, b) = (
         soft.project(vectors[0]).unwrap(),
         soft.project(vectors[1]).unwrap(),
@@ -282,6 +291,14 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
             "{stderr}"
         );
     }
+    // A trained step is kept (validation is these very pairs), so the two
+    // runs below are compared on trained parameters, not on the start.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("validation") && l.contains("(best)") && !l.contains("step 0:")),
+        "{stderr}"
+    );
     let stopped = dir.path().join("stopped.safetensors");
     let first = resumable(&stopped, "3");
     let stderr = resumable(&stopped, "4");
@@ -310,7 +327,7 @@ fn training_lowers_the_loss_and_the_command_writes_a_projector() {
     }
     // --world-contexts: the world model reads a twin file's contexts (and
     // --valid's twin, beside it).
-    let twin_of = |p: &Path| tofy::data::chitchat::history_path(p);
+    let twin_of = |p: &Path| tofy::data::pairs::history_path(p);
     let longer: Vec<Pair> = pairs()
         .into_iter()
         .map(|p| Pair {

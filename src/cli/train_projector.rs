@@ -129,7 +129,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
     use crate::data::pairs;
     use crate::decoder::{self, DecoderConfig};
     use crate::engine::Engine;
-    use crate::eval_conditioning::{sample_indices, world_vectors};
+    use crate::eval_conditioning::{reply_vectors, sample_indices, world_vectors};
     use crate::train::llama::FrozenLlama;
     use crate::train::projector::{self as tp, ProjectorTrainConfig, ReplyScorer};
 
@@ -164,7 +164,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
             let twin = args
                 .world_contexts
                 .as_ref()
-                .map(|_| crate::data::chitchat::history_path(path));
+                .map(|_| crate::data::pairs::history_path(path));
             if let Some(twin) = twin.as_ref().filter(|t| !t.exists()) {
                 anyhow::bail!(
                     "--world-contexts needs --valid's history twin too, {}, which is missing (`tofy prepare-chitchat` writes it beside {})",
@@ -182,14 +182,7 @@ pub fn run(args: TrainProjectorArgs) -> anyhow::Result<()> {
         |pairs: &[pairs::Pair], contexts: &[String]| -> anyhow::Result<Vec<Vec<f32>>> {
             Ok(match args.vectors {
                 Vectors::Predicted => world_vectors(&world, contexts)?,
-                Vectors::Oracle => {
-                    let replies: Vec<&str> = pairs.iter().map(|p| p.next.as_str()).collect();
-                    world
-                        .encode_as_conditioning(&replies)?
-                        .into_iter()
-                        .map(|c| c.vector)
-                        .collect()
-                }
+                Vectors::Oracle => reply_vectors(&world, pairs)?,
             })
         };
     let vectors = vectors_of(&picked, &contexts)?;

@@ -18,8 +18,7 @@ use std::path::{Path, PathBuf};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use super::DataError;
-use super::chitchat::{HISTORY_TOKENS, history, history_path};
-use super::pairs::{self, Pair};
+use super::pairs;
 
 /// What [`prepare`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,27 +80,16 @@ pub fn prepare(dir: &Path, out: &Path) -> Result<Prepared, DataError> {
             }
             conversations += 1;
             let id = format!("{stem}/{}", turns[0]);
-            for j in 1..turns.len() {
-                out_pairs.push(Pair {
-                    context: turns[j - 1].clone(),
-                    next: turns[j].clone(),
-                });
-                histories.push(Pair {
-                    context: history(&turns[..j], HISTORY_TOKENS),
-                    next: turns[j].clone(),
-                });
-                ids.push(id.clone());
-            }
+            let (these, twins) = pairs::dialogue(&turns, pairs::HISTORY_TOKENS);
+            ids.extend(std::iter::repeat_n(id, these.len()));
+            out_pairs.extend(these);
+            histories.extend(twins);
         }
     }
     if out_pairs.is_empty() {
         return Err(invalid(dir, "no conversation with two turns".into()));
     }
-    pairs::write(out, &out_pairs)?;
-    pairs::write_conversations(out, &ids)?;
-    let twin = history_path(out);
-    pairs::write(&twin, &histories)?;
-    pairs::write_conversations(&twin, &ids)?;
+    pairs::write_with_twin(out, &out_pairs, &histories, &ids)?;
     Ok(Prepared {
         path: out.to_path_buf(),
         files: files.len(),

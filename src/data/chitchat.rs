@@ -19,8 +19,8 @@
 //!
 //! And `<name>.history.tsv` holds the same pairs with the conversation so
 //! far as the context (issue 24, rung 2): the most recent turns that fit in
-//! [`HISTORY_TOKENS`] world-model tokens, oldest first, joined by
-//! [`TURN_SEPARATOR`]. Line for line it matches `<name>.tsv` (same replies,
+//! [`pairs::HISTORY_TOKENS`] world-model tokens, oldest first, joined by
+//! [`pairs::TURN_SEPARATOR`]. Line for line it matches `<name>.tsv` (same replies,
 //! same conversations), so a world model can be trained on the history
 //! while the decoder is scored on the same pairs (`--world-contexts`).
 
@@ -30,19 +30,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::DataError;
-use super::pairs::{self, Pair};
+use super::pairs;
 
 /// One conversation in this many is held out.
 pub const HELD_OUT_EVERY: usize = 20;
 /// One training conversation in this many is a validation conversation.
 pub const VALID_EVERY: usize = 10;
-/// The most world-model tokens of history a context holds (the rung-2
-/// world models' max_seq): whole turns, the most recent first, and always
-/// at least the last turn.
-pub const HISTORY_TOKENS: usize = 128;
-/// Between two turns of a history context (its own world-model token).
-pub const TURN_SEPARATOR: &str = " | ";
-
 #[derive(Deserialize)]
 struct Conversation {
     messages: Vec<Vec<Message>>,
@@ -69,44 +62,7 @@ pub struct Prepared {
 
 /// The held-out file that goes beside `out`: `x.tsv` → `x.heldout.tsv`.
 pub fn heldout_path(out: &Path) -> PathBuf {
-    split_path(out, "heldout")
-}
-
-/// The history twin of a pairs file: `x.tsv` → `x.history.tsv`.
-pub fn history_path(pairs: &Path) -> PathBuf {
-    split_path(pairs, "history")
-}
-
-/// The context of the turn after `turns`' last: the most recent turns
-/// whose world-model tokens fit in `budget` (at least the last one),
-/// oldest first, joined by [`TURN_SEPARATOR`].
-pub fn history(turns: &[String], budget: usize) -> String {
-    let separator = crate::world::tokenize(TURN_SEPARATOR).len();
-    let mut used = 0;
-    let mut first = turns.len();
-    for (i, turn) in turns.iter().enumerate().rev() {
-        let cost =
-            crate::world::tokenize(turn).len() + if first < turns.len() { separator } else { 0 };
-        if first < turns.len() && used + cost > budget {
-            break;
-        }
-        used += cost;
-        first = i;
-    }
-    turns[first..].join(TURN_SEPARATOR)
-}
-
-/// `x.tsv` → `x.<split>.tsv`.
-fn split_path(out: &Path, split: &str) -> PathBuf {
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = out
-        .extension()
-        .map(|e| e.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "tsv".into());
-    out.with_file_name(format!("{stem}.{split}.{ext}"))
+    pairs::sibling(out, "heldout")
 }
 
 /// Reads `dataset` and writes the training pairs to `out`, and the held-out,
@@ -141,16 +97,7 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
             })
             .filter(|t| !t.is_empty())
             .collect();
-        let pairs = turns.windows(2).map(|w| Pair {
-            context: w[0].clone(),
-            next: w[1].clone(),
-        });
-        let histories: Vec<Pair> = (1..turns.len())
-            .map(|j| Pair {
-                context: history(&turns[..j], HISTORY_TOKENS),
-                next: turns[j].clone(),
-            })
-            .collect();
+        let (pairs, histories) = pairs::dialogue(&turns, pairs::HISTORY_TOKENS);
         let ids = || std::iter::repeat_n(key.clone(), turns.len().saturating_sub(1));
         if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
             heldout.extend(pairs);
@@ -179,7 +126,7 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
         });
     }
     let heldout_path = heldout_path(out);
-    let (fit_path, valid_path) = (split_path(out, "fit"), split_path(out, "valid"));
+    let (fit_path, valid_path) = (pairs::sibling(out, "fit"), pairs::sibling(out, "valid"));
     for (path, split, history, ids) in [
         (out, &train, &train_history, &train_ids),
         (
@@ -191,11 +138,7 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
         (fit_path.as_path(), &fit, &fit_history, &fit_ids),
         (valid_path.as_path(), &valid, &valid_history, &valid_ids),
     ] {
-        pairs::write(path, split)?;
-        pairs::write_conversations(path, ids)?;
-        let twin = history_path(path);
-        pairs::write(&twin, history)?;
-        pairs::write_conversations(&twin, ids)?;
+        pairs::write_with_twin(path, split, history, ids)?;
     }
     Ok(Prepared {
         train_path: out.to_path_buf(),
@@ -208,24 +151,4 @@ pub fn prepare(dataset: &Path, out: &Path) -> Result<Prepared, DataError> {
         fit_pairs: fit.len(),
         valid_pairs: valid.len(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_history_keeps_the_most_recent_whole_turns_that_fit() {
-        let turns: Vec<String> = ["a b c", "d e", "f g h i", "j"].map(String::from).to_vec();
-        // Each separator is one token ("|").
-        assert_eq!(history(&turns, 100), "a b c | d e | f g h i | j");
-        assert_eq!(history(&turns, 1), "j");
-        assert_eq!(history(&turns, 5), "j", "j + | + 4 is 6 > 5");
-        assert_eq!(history(&turns, 6), "f g h i | j");
-        assert_eq!(history(&turns, 8), "f g h i | j", "+ | d e is 9 > 8");
-        assert_eq!(history(&turns, 9), "d e | f g h i | j");
-        // A last turn longer than the budget is kept whole: the world
-        // model's own truncation cuts it.
-        assert_eq!(history(&turns[..3], 2), "f g h i");
-    }
 }

@@ -57,6 +57,77 @@ pub fn write(path: &Path, pairs: &[Pair]) -> Result<(), DataError> {
     })
 }
 
+/// The most world-model tokens of history a twin's context holds (the
+/// rung-2 world models' max_seq): whole turns, the most recent first, and
+/// always at least the last turn.
+pub const HISTORY_TOKENS: usize = 128;
+/// Between two turns of a history context (its own world-model token).
+pub const TURN_SEPARATOR: &str = " | ";
+
+/// `x.tsv` → `x.<tag>.tsv`: a file that goes beside a pairs file.
+pub fn sibling(path: &Path, tag: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tsv".into());
+    path.with_file_name(format!("{stem}.{tag}.{ext}"))
+}
+
+/// The history twin of a pairs file: `x.tsv` → `x.history.tsv`, the same
+/// pairs line for line with the conversation so far as the context.
+pub fn history_path(path: &Path) -> PathBuf {
+    sibling(path, "history")
+}
+
+/// A conversation's pairs (each turn the context of the next) and their
+/// history twins: the most recent whole turns before the reply whose
+/// world-model tokens (one per separator) fit in `budget`, at least the
+/// last one, oldest first, joined by [`TURN_SEPARATOR`].
+pub fn dialogue(turns: &[String], budget: usize) -> (Vec<Pair>, Vec<Pair>) {
+    let separator = crate::world::tokenize(TURN_SEPARATOR).len();
+    let tokens: Vec<usize> = turns
+        .iter()
+        .map(|t| crate::world::tokenize(t).len())
+        .collect();
+    let (mut pairs, mut twins) = (Vec::new(), Vec::new());
+    for j in 1..turns.len() {
+        let mut first = j - 1;
+        let mut used = tokens[first];
+        while first > 0 && used + separator + tokens[first - 1] <= budget {
+            first -= 1;
+            used += separator + tokens[first];
+        }
+        pairs.push(Pair {
+            context: turns[j - 1].clone(),
+            next: turns[j].clone(),
+        });
+        twins.push(Pair {
+            context: turns[first..j].join(TURN_SEPARATOR),
+            next: turns[j].clone(),
+        });
+    }
+    (pairs, twins)
+}
+
+/// Writes `pairs` to `path` and `twins` to its history twin, each with the
+/// same conversation sidecar.
+pub fn write_with_twin(
+    path: &Path,
+    pairs: &[Pair],
+    twins: &[Pair],
+    ids: &[String],
+) -> Result<(), DataError> {
+    write(path, pairs)?;
+    write_conversations(path, ids)?;
+    let twin = history_path(path);
+    write(&twin, twins)?;
+    write_conversations(&twin, ids)
+}
+
 /// The contexts the world model reads for `pairs`, from `path`: a pairs
 /// file that holds the same pairs line for line with other contexts (the
 /// conversation so far, `prepare-chitchat`'s `.history.tsv`). Its replies
@@ -155,6 +226,31 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_keeps_the_most_recent_whole_turns_that_fit() {
+        let turns: Vec<String> = ["a b c", "d e", "f g h i", "j", "k"]
+            .map(String::from)
+            .to_vec();
+        // The history before the reply "k"; each separator is one token ("|").
+        let last = |budget| dialogue(&turns, budget).1.pop().unwrap().context;
+        assert_eq!(last(100), "a b c | d e | f g h i | j");
+        assert_eq!(last(1), "j");
+        assert_eq!(last(5), "j", "j + | + 4 is 6 > 5");
+        assert_eq!(last(6), "f g h i | j");
+        assert_eq!(last(8), "f g h i | j", "+ | d e is 9 > 8");
+        assert_eq!(last(9), "d e | f g h i | j");
+        // A last turn longer than the budget is kept whole: the world
+        // model's own truncation cuts it.
+        assert_eq!(dialogue(&turns[..4], 2).1[2].context, "f g h i");
+        let (pairs, twins) = dialogue(&turns, 100);
+        assert_eq!(pairs.len(), 4);
+        assert_eq!(
+            (pairs[0].context.as_str(), twins[0].context.as_str()),
+            ("a b c", "a b c")
+        );
+        assert!(pairs.iter().zip(&twins).all(|(p, t)| p.next == t.next));
+    }
 
     #[test]
     fn reads_both_separators_and_skips_empties() {
