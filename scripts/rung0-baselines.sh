@@ -30,10 +30,12 @@ modes=none,instruction,prefix,mismatched_prefix,mean_prefix,soft_prompt
 soft=models/projector/smollm2-135m-soft-prompt.safetensors
 
 if [ ! -f "$soft" ]; then
+    mkdir -p target/rung0
     "$tofy" train-projector data/chitchat_pairs.fit.tsv --n 2000 --steps 150 --batch 8 --lr 1e-4 \
         --seed 0 --log-every 10 --bias-only \
         --projector models/projector/smollm2-135m-fitted.safetensors \
-        --out "$soft" 2>&1 | tee "$out/soft-prompt-train.log"
+        --out target/rung0/soft-prompt.safetensors 2>&1 | tee "$out/soft-prompt-train.log"
+    cp target/rung0/soft-prompt.safetensors "$soft"
 fi
 
 "$tofy" eval-conditioning data/chitchat_pairs.valid.tsv --n 120 --seed 0 --modes "$modes" \
