@@ -57,7 +57,22 @@ pub struct EvalReport {
     pub retrieval_model: Retrieval,
     pub retrieval_copy: Retrieval,
     pub retrieval_chance: Retrieval,
+    /// Held-out R² of the best linear map from the prediction to the next
+    /// turn's latent: what a linear reader (the projector is one) can get
+    /// out of the prediction, whatever its scale and rotation. Two-fold: a
+    /// ridge fitted on each half of the pairs (file order, so the halves
+    /// share at most one conversation) scores the other half, against that
+    /// half's variance about the fitting half's mean.
+    pub ridge_r2_transition: f64,
+    /// The same for the context's own latent (what the encoder alone knows
+    /// about the reply).
+    pub ridge_r2_copy: f64,
 }
+
+/// The ridge weight of [`ridge_r2`], as a fraction of the inputs' mean
+/// variance per dimension times the pairs: fixed before any model was
+/// scored with it.
+pub const RIDGE_LAMBDA_FRACTION: f64 = 0.01;
 
 /// Evaluates `model` on up to `max_pairs` of `pairs` (in file order);
 /// next turns are encoded by `targets` (the teacher, or `model` itself).
@@ -108,7 +123,58 @@ pub fn evaluate(
             top1: 1.0 / candidates.max(1) as f64,
             top5: 5.0_f64.min(candidates as f64) / candidates.max(1) as f64,
         },
+        ridge_r2_transition: ridge_r2(&predicted, &target),
+        ridge_r2_copy: ridge_r2(&state, &target),
     })
+}
+
+/// Two-fold held-out R² of a ridge map from `inputs` to `targets` (rows
+/// are pairs); 0 with fewer than 4 pairs.
+pub fn ridge_r2(inputs: &Array2<f32>, targets: &Array2<f32>) -> f64 {
+    use nalgebra::DMatrix;
+
+    let n = inputs.nrows();
+    if n < 4 {
+        return 0.0;
+    }
+    let matrix = |a: &Array2<f32>, rows: std::ops::Range<usize>| {
+        DMatrix::from_fn(rows.len(), a.ncols(), |r, c| {
+            f64::from(a[(rows.start + r, c)])
+        })
+    };
+    let half = n / 2;
+    let (mut residual, mut total) = (0.0, 0.0);
+    for (fit, score) in [(0..half, half..n), (half..n, 0..half)] {
+        let (x, y) = (matrix(inputs, fit.clone()), matrix(targets, fit));
+        let x_mean = x.row_mean();
+        let variance: f64 = (0..x.ncols())
+            .map(|c| {
+                x.column(c)
+                    .iter()
+                    .map(|v| (v - x_mean[c]).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / x.ncols() as f64;
+        let Some((w, b)) = crate::fit_projector::ridge(&x, &y, RIDGE_LAMBDA_FRACTION * variance)
+        else {
+            return 0.0;
+        };
+        let y_mean = y.row_mean();
+        let (xs, ys) = (matrix(inputs, score.clone()), matrix(targets, score));
+        let predicted = &xs * &w;
+        for r in 0..ys.nrows() {
+            for c in 0..ys.ncols() {
+                residual += (ys[(r, c)] - predicted[(r, c)] - b[c]).powi(2);
+                total += (ys[(r, c)] - y_mean[c]).powi(2);
+            }
+        }
+    }
+    if total > 0.0 {
+        1.0 - residual / total
+    } else {
+        0.0
+    }
 }
 
 fn cosine(a: ArrayView1<f32>, b: ArrayView1<f32>) -> f64 {
@@ -212,4 +278,35 @@ fn effective_rank(latents: &Array2<f32>) -> f64 {
         .map(|p| -p * p.ln())
         .sum();
     entropy.exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn random(rng: &mut StdRng, rows: usize, cols: usize) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |_| rng.random_range(-1.0f32..1.0))
+    }
+
+    /// A target that is a linear map of the input plus 10% noise (in
+    /// standard deviation, so ~1% of the variance) scores near 1; a target
+    /// the input knows nothing about scores near 0, and not above it.
+    #[test]
+    fn ridge_r2_reads_what_a_linear_map_of_the_input_knows() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let x = random(&mut rng, 400, 8);
+        let map = random(&mut rng, 8, 5);
+        let noise = random(&mut rng, 400, 5) * 0.1;
+        let y = x.dot(&map) + &noise + 3.0;
+        let known = ridge_r2(&x, &y);
+        assert!(known > 0.95 && known < 1.0, "{known}");
+
+        let unrelated = random(&mut rng, 400, 5);
+        let none = ridge_r2(&x, &unrelated);
+        assert!(none < 0.0 && none > -0.1, "{none}");
+        assert_eq!(ridge_r2(&x.slice(ndarray::s![..3, ..]).to_owned(), &y), 0.0);
+    }
 }

@@ -97,6 +97,9 @@ fn tiny_config(pairs: &Path, out: &Path) -> TrainConfig {
         seed: 5,
         out: out.to_path_buf(),
         log_every: 10,
+        checkpoint_every: 0,
+        stop_after: None,
+        cancel: None,
         progress: false,
     }
 }
@@ -244,6 +247,155 @@ fn training_lowers_the_loss_trains_every_layer_and_reloads() {
         .unwrap();
     assert_eq!(meta["steps"], "40");
     assert_eq!(meta["data_sha256"].len(), 64);
+}
+
+/// A run stopped at step 17 (its last checkpoint at 15 left behind it,
+/// then rewritten at the stop) and run again ends with the very bytes of a
+/// run that never stopped: same weights, teacher, optimiser moments and
+/// batches. The finished run leaves no checkpoint.
+#[test]
+fn a_stopped_run_resumes_on_the_straight_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let straight = train(&tiny_config(&corpus, &dir.path().join("straight"))).unwrap();
+
+    let mut cfg = tiny_config(&corpus, &dir.path().join("split"));
+    cfg.checkpoint_every = 5;
+    cfg.stop_after = Some(17);
+    let first = train(&cfg).unwrap();
+    assert!(!first.finished);
+    assert_eq!(first.losses.len(), 17);
+    assert!(!first.model_path.exists());
+    let checkpoint = tofy::train::trainer::checkpoint_path(&cfg.out);
+    assert!(checkpoint.exists());
+
+    cfg.stop_after = None;
+    let second = train(&cfg).unwrap();
+    assert!(second.finished);
+    assert_eq!(second.resumed_at, 17);
+    assert_eq!(
+        second.losses, straight.losses,
+        "the same batches, the same losses"
+    );
+    assert_eq!(second.log, straight.log);
+    for (a, b) in [
+        (&straight.model_path, &second.model_path),
+        (&straight.teacher_path, &second.teacher_path),
+    ] {
+        let (a, b) = (tensors(a), tensors(b));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{name} differs after the resume");
+        }
+    }
+    assert!(!checkpoint.exists(), "a finished run leaves no checkpoint");
+}
+
+/// A checkpoint of another configuration is refused before any step,
+/// with the file's name and what to do, and left as it was.
+#[test]
+fn a_checkpoint_of_another_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let mut cfg = tiny_config(&corpus, &dir.path().join("out"));
+    cfg.stop_after = Some(3);
+    train(&cfg).unwrap();
+    let checkpoint = tofy::train::trainer::checkpoint_path(&cfg.out);
+    let before = std::fs::read(&checkpoint).unwrap();
+
+    cfg.stop_after = None;
+    cfg.lr *= 2.0;
+    let err = train(&cfg).err().unwrap().to_string();
+    assert!(err.contains("another run"), "{err}");
+    assert!(err.contains("train-world.run.safetensors"), "{err}");
+    assert!(err.contains("delete it to start the run afresh"), "{err}");
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before);
+}
+
+/// Ctrl-C on `tofy train-world` ends the step, writes the checkpoint and
+/// exits 130 with one line that says how to go on; the same command then
+/// resumes from that step (here only to `--stop-after`, a few steps on).
+#[test]
+fn train_world_ctrl_c_writes_the_checkpoint_and_the_same_command_resumes() {
+    use std::io::{BufRead, BufReader, Read};
+
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(dir.path());
+    let out = dir.path().join("out");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train-world",
+            corpus.to_str().unwrap(),
+            "1000000",
+            "8",
+            "16",
+            "8",
+            "1",
+            "2",
+            "50",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+            "--log-every",
+            "5",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tofy"))
+        .args(args(&[]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // Training has begun: a log line came.
+    while !seen.contains("step      5") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    common::signal(&child, libc::SIGINT);
+    stderr.read_to_string(&mut seen).unwrap();
+    let status = common::exit_status(&mut child, "tofy train-world");
+    assert_eq!(status.code(), Some(130), "{status}: {seen}");
+    let stopped: usize = seen
+        .split("interrupted at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'interrupted at step N;' line: {seen}"));
+    assert!(stopped >= 5, "{seen}");
+    assert!(!seen.contains("error"), "no error line for Ctrl-C: {seen}");
+    let checkpoint = tofy::train::trainer::checkpoint_path(&out);
+    assert!(checkpoint.exists());
+
+    let until = (stopped + 3).to_string();
+    let resumed = tofy(
+        &args(&["--stop-after", &until])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&resumed.stdout),
+        String::from_utf8_lossy(&resumed.stderr),
+    );
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "resuming {} at step {stopped}",
+            checkpoint.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("stopped at step {until} of 1000000")),
+        "{stdout}"
+    );
 }
 
 #[test]

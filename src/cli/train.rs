@@ -147,10 +147,23 @@ pub struct TrainArgs {
     /// Log train and held-out transition cosine every N steps.
     #[arg(long, default_value_t = 100)]
     log_every: usize,
+    /// Write the run's checkpoint (OUT/train-world.run.safetensors) every N steps (0: never);
+    /// the same command run again resumes from it, and Ctrl-C writes it before stopping.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    checkpoint_every: usize,
+    /// Stop after step N with the checkpoint written, to split a long run over several sittings.
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
 }
 
+/// `train-world`: a signal stops it at the end of the step, checkpoint
+/// written, with the shell's code for the signal.
 #[cfg(feature = "train")]
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+
+    let interrupt =
+        super::interrupt::Interrupt::install().context("installing the Ctrl-C handler")?;
     let config = crate::train::TrainConfig {
         pairs: args.pairs,
         steps: args.steps,
@@ -172,9 +185,30 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         out: args.out,
         log_every: args.log_every,
+        checkpoint_every: args.checkpoint_every,
+        stop_after: args.stop_after,
+        cancel: Some(interrupt.flag()),
         progress: true,
     };
-    let report = crate::train::train(&config)?;
+    let report = match crate::train::train(&config) {
+        Err(e @ crate::train::TrainError::Interrupted { .. }) => {
+            eprintln!("train-world: {e}");
+            return Err(interrupt
+                .caught()
+                .map_or_else(|| anyhow::Error::new(e), anyhow::Error::new));
+        }
+        other => other?,
+    };
+    if !report.finished {
+        println!(
+            "stopped at step {} of {} (--stop-after) in {:.0} s; run the same command again to go on from {}",
+            report.losses.len(),
+            config.steps,
+            report.seconds,
+            crate::train::trainer::checkpoint_path(&config.out).display()
+        );
+        return Ok(());
+    }
     println!(
         "trained {} in {:.0} s: loss {:.4} -> {:.4}; wrote {}, {}, {}",
         report.config.summary(),
@@ -288,7 +322,10 @@ pub fn render(r: &EvalReport) -> String {
          retrieval of the true next turn among {}   top-1    top-5\n\
          \x20 model                {:>7.3}  {:>7.3}\n\
          \x20 copy baseline        {:>7.3}  {:>7.3}\n\
-         \x20 chance               {:>7.3}  {:>7.3}\n",
+         \x20 chance               {:>7.3}  {:>7.3}\n\
+         held-out R² of a ridge map to the next-turn latent (two-fold)\n\
+         \x20 from the prediction  {:>7.4}\n\
+         \x20 from the context     {:>7.4}\n",
         r.pairs,
         r.transition.cosine,
         r.transition.l2,
@@ -310,5 +347,7 @@ pub fn render(r: &EvalReport) -> String {
         r.retrieval_copy.top5,
         r.retrieval_chance.top1,
         r.retrieval_chance.top5,
+        r.ridge_r2_transition,
+        r.ridge_r2_copy,
     )
 }

@@ -100,6 +100,12 @@ impl Adam {
         Ok(())
     }
 
+    /// Sets the base learning rate (each variable's rate multiplies it),
+    /// for a schedule.
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+
     /// Steps taken (restored ones included).
     pub fn steps(&self) -> usize {
         self.steps

@@ -6,12 +6,14 @@
 //! - [`trainer`]: the JEPA training loop behind `tofy train-world`;
 //! - [`llama`]: a frozen Llama with a gradient to its input rows, and
 //!   [`projector`]: the projector trained through it (`tofy train-projector`),
-//!   with [`adam`], an AdamW whose state a checkpoint can hold.
+//!   with [`adam`], an AdamW whose state a checkpoint can hold, and `run`,
+//!   the metadata both commands' resumable checkpoints are checked by.
 
 pub mod adam;
 pub mod llama;
 pub mod model;
 pub mod projector;
+mod run;
 pub mod trainer;
 
 use std::collections::HashMap;
@@ -49,6 +51,13 @@ pub enum TrainError {
     /// A projector could not be written or read.
     #[error(transparent)]
     Projector(#[from] crate::projector::ProjectorError),
+
+    /// A signal stopped the run; its checkpoint holds every step taken.
+    #[error(
+        "interrupted at step {step}; the checkpoint {} holds the run: the same command goes on from it",
+        checkpoint.display()
+    )]
+    Interrupted { step: usize, checkpoint: PathBuf },
 
     /// candle reported an error during training.
     #[error("training failed in candle: {0}")]

@@ -24,6 +24,7 @@ use rand::seq::SliceRandom;
 use super::TrainError;
 use super::adam::{Adam, AdamParams};
 use super::llama::{FrozenLlama, SharedPrefix, mean_nll};
+use super::run::{self, RunMeta};
 use crate::conditioning::CondMode;
 use crate::data::pairs::Pair;
 use crate::decoder::{Embeddings, Segment};
@@ -609,7 +610,6 @@ fn save_checkpoint(
         tensors.push((format!("adam.m.{i}"), data(m)?));
         tensors.push((format!("adam.v.{i}"), data(v)?));
     }
-    let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
     let mut meta = HashMap::from([
         ("tofy.format".to_string(), CHECKPOINT_FORMAT.to_string()),
         ("run".to_string(), config.run.clone()),
@@ -619,11 +619,11 @@ fn save_checkpoint(
         ("stale".to_string(), state.stale.to_string()),
         (
             "losses".to_string(),
-            list(&mut state.losses.iter().map(|l| l.to_string())),
+            run::join(&state.losses, f32::to_string),
         ),
         (
             "validation".to_string(),
-            list(&mut state.validation.iter().map(|(s, l)| format!("{s}:{l}"))),
+            run::join(&state.validation, |(s, l)| format!("{s}:{l}")),
         ),
     ]);
     if let Some((step, loss)) = state.best {
@@ -640,74 +640,32 @@ pub fn check_checkpoint(path: &Path, config: &ProjectorTrainConfig) -> Result<()
     if !path.exists() {
         return Ok(());
     }
-    RunMeta::read(path, &Checkpoint::open(path)?, config).map(drop)
+    read_meta(path, &Checkpoint::open(path)?, config).map(drop)
 }
 
-/// A checkpoint's metadata, checked to be of one run; its errors name the
-/// file and say what to do.
-struct RunMeta<'a> {
+/// The checkpoint's metadata, checked to be of this run and of its inputs.
+fn read_meta<'a>(
     path: &'a Path,
-    map: HashMap<String, String>,
-}
-
-impl<'a> RunMeta<'a> {
-    fn read(
-        path: &'a Path,
-        file: &Checkpoint,
-        config: &ProjectorTrainConfig,
-    ) -> Result<Self, TrainError> {
-        let meta = Self {
-            path,
-            map: file.metadata().cloned().unwrap_or_default(),
-        };
-        if meta.get("tofy.format").ok() != Some(CHECKPOINT_FORMAT) {
-            return Err(meta.bad("it is not a train-projector checkpoint".into()));
-        }
-        if meta.get("run")? != config.run {
-            return Err(meta.bad(format!(
-                "it is the checkpoint of another run ({}), not of this one ({})",
-                meta.get("run")?,
-                config.run
-            )));
-        }
-        // Checkpoints written before `inputs` was kept cannot be checked.
-        if let Some(inputs) = meta.map.get("inputs")
-            && *inputs != config.inputs
-        {
-            return Err(meta.bad(format!(
-                "it was trained on other inputs ({inputs}), not this run's ({})",
-                config.inputs
-            )));
-        }
-        Ok(meta)
+    file: &Checkpoint,
+    config: &ProjectorTrainConfig,
+) -> Result<RunMeta<'a>, TrainError> {
+    let meta = RunMeta::read(
+        path,
+        file,
+        CHECKPOINT_FORMAT,
+        "train-projector",
+        &config.run,
+    )?;
+    // Checkpoints written before `inputs` was kept cannot be checked.
+    if let Some(inputs) = meta.optional("inputs")
+        && inputs != config.inputs
+    {
+        return Err(meta.bad(format!(
+            "it was trained on other inputs ({inputs}), not this run's ({})",
+            config.inputs
+        )));
     }
-
-    fn bad(&self, what: String) -> TrainError {
-        TrainError::Invalid(format!(
-            "{}: {what}; delete it to start the run afresh",
-            self.path.display()
-        ))
-    }
-
-    fn get(&self, key: &str) -> Result<&str, TrainError> {
-        self.map
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| self.bad(format!("no '{key}' in its metadata")))
-    }
-
-    fn number(&self, key: &str) -> Result<usize, TrainError> {
-        self.get(key)?
-            .parse()
-            .map_err(|_| self.bad(format!("'{key}' is not a number")))
-    }
-
-    /// A `step:loss` entry.
-    fn scored(&self, s: &str) -> Result<(usize, f64), TrainError> {
-        s.split_once(':')
-            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-            .ok_or_else(|| self.bad(format!("'{s}' is not step:loss")))
-    }
+    Ok(meta)
 }
 
 /// Reads a checkpoint back into `projector` and `adam`; refuses one of
@@ -719,23 +677,10 @@ fn load_checkpoint(
     adam: &mut Adam,
 ) -> Result<RunState, TrainError> {
     let file = Checkpoint::open(path)?;
-    let meta = RunMeta::read(path, &file, config)?;
-    let losses = meta
-        .get("losses")?
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|l| {
-            l.parse()
-                .map_err(|_| meta.bad(format!("loss '{l}' is not a number")))
-        })
-        .collect::<Result<Vec<f32>, _>>()?;
-    let validation = meta
-        .get("validation")?
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|v| meta.scored(v))
-        .collect::<Result<Vec<_>, _>>()?;
-    let best = meta.map.get("best").map(|b| meta.scored(b)).transpose()?;
+    let meta = read_meta(path, &file, config)?;
+    let losses = meta.list("losses", |l| l.parse::<f32>().ok())?;
+    let validation = meta.list("validation", run::parse_scored)?;
+    let best = meta.optional("best").map(|b| meta.scored(b)).transpose()?;
     let tensor = |name: &str, like: &Tensor| -> Result<Tensor, TrainError> {
         let values = file.vector(name, like.elem_count())?;
         Ok(Tensor::from_vec(

@@ -14,16 +14,20 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use super::adam::{Adam, AdamParams};
 use super::model::{CandleWorld, Encoder, pad_ids};
+use super::run::{self, RunMeta};
 use super::{TrainError, build_vocab};
 use crate::data::{chitchat, pairs, write_atomic};
 use crate::world::checkpoint::{self, Checkpoint, TensorData};
@@ -79,6 +83,17 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Log a line every this many steps.
     pub log_every: usize,
+    /// Write the run's checkpoint ([`checkpoint_path`]) every this many
+    /// steps (0: never). A run that finds its own checkpoint continues from
+    /// it, on exactly the path it would have taken without the stop.
+    pub checkpoint_every: usize,
+    /// Stop after this step, checkpoint written, as if interrupted: a long
+    /// run split over several sittings (the same command, run again, goes
+    /// on).
+    pub stop_after: Option<usize>,
+    /// Set by a signal handler: the run writes its checkpoint at the end of
+    /// the step and stops with [`TrainError::Interrupted`].
+    pub cancel: Option<Arc<AtomicBool>>,
     /// Draw a progress bar (off in tests).
     pub progress: bool,
 }
@@ -95,7 +110,13 @@ pub struct TrainReport {
     /// (step, train transition cosine, held-out transition cosine if any).
     pub log: Vec<(usize, f32, Option<f32>)>,
     pub data_hash: String,
+    /// Seconds this process trained (not a resumed run's earlier ones).
     pub seconds: f64,
+    /// The step this process resumed from (0 for a fresh run).
+    pub resumed_at: usize,
+    /// Whether the model files were written: false when the run stopped at
+    /// `stop_after` with its checkpoint.
+    pub finished: bool,
 }
 
 /// A tensor name with its shape and row-major values.
@@ -185,38 +206,76 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         .map(|(name, var)| Ok((name, var.as_tensor().detach().copy()?)))
         .collect::<Result<_, candle_core::Error>>()?;
 
-    let params = ParamsAdamW {
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        ..Default::default()
+    // One optimiser; the token embeddings run at their own rate (their
+    // rows get a gradient only when their token is in the batch).
+    let vars = named_vars(&varmap);
+    let rated = vars
+        .iter()
+        .map(|(name, var)| {
+            let rate = if name == EMBEDDING {
+                cfg.embed_lr_scale
+            } else {
+                1.0
+            };
+            (var.clone(), rate)
+        })
+        .collect();
+    let mut optimizer = Adam::with_rates(
+        rated,
+        AdamParams {
+            weight_decay: cfg.weight_decay,
+            ..AdamParams::new(cfg.lr)
+        },
+    )?;
+    let checkpoint = checkpoint_path(&cfg.out);
+    let run = run_key(cfg, &data_hash);
+    let mut progress = if checkpoint.exists() {
+        let progress = load_checkpoint(
+            &checkpoint,
+            &run,
+            &vars,
+            &mut teacher_weights,
+            &mut optimizer,
+        )?;
+        eprintln!(
+            "train-world: resuming {} at step {}",
+            checkpoint.display(),
+            progress.step
+        );
+        progress
+    } else {
+        Progress::default()
     };
-    // Two optimizers over disjoint variables, so that the token embeddings
-    // can run at their own learning rate.
-    let (embedding, rest): (Vec<_>, Vec<_>) = named_vars(&varmap)
-        .into_iter()
-        .partition(|(name, _)| name == EMBEDDING);
-    let mut optimizer = AdamW::new(rest.into_iter().map(|(_, v)| v).collect(), params.clone())?;
-    let mut embedding_optimizer =
-        AdamW::new(embedding.into_iter().map(|(_, v)| v).collect(), params)?;
+    let resumed_at = progress.step;
+    // The batches are the seed's: a resumed run draws the ones it already
+    // took and goes on with the next.
+    for _ in 0..resumed_at * cfg.batch {
+        rng.random_range(0..data.len());
+    }
+    let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     let bar = progress_bar(cfg);
-    let mut losses = Vec::with_capacity(cfg.steps);
-    let mut log = Vec::new();
-    for step in 0..cfg.steps {
+    bar.set_position(resumed_at as u64);
+    let save = |progress: &Progress,
+                teacher: &HashMap<String, Tensor>,
+                optimizer: &Adam|
+     -> Result<(), TrainError> {
+        save_checkpoint(&checkpoint, &run, progress, &vars, teacher, optimizer)
+    };
+    while progress.step < stop {
+        let step = progress.step;
         let lr = learning_rate(cfg, step);
         optimizer.set_learning_rate(lr);
-        embedding_optimizer.set_learning_rate(lr * cfg.embed_lr_scale);
         let teacher = teacher_encoder(&teacher_weights, &world, &device)?;
         let batch: Vec<usize> = (0..cfg.batch)
             .map(|_| rng.random_range(0..data.len()))
             .collect();
         let (loss, cosine) = batch_loss(cfg, &world, &online, &teacher, &data, &batch, &device)?;
-        let grads = loss.backward()?;
-        optimizer.step(&grads)?;
-        embedding_optimizer.step(&grads)?;
+        optimizer.backward_step(&loss)?;
         update_teacher(&mut teacher_weights, &varmap, ema_decay(cfg, step))?;
 
         let loss_value = loss.to_scalar::<f32>()?;
-        losses.push(loss_value);
+        progress.losses.push(loss_value);
+        progress.step += 1;
         bar.set_message(format!("loss {loss_value:.4}"));
         bar.inc(1);
         if (step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps {
@@ -237,8 +296,40 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
                     step + 1
                 )
             });
-            log.push((step + 1, train_cos, held));
+            progress.log.push((step + 1, train_cos, held));
         }
+        let cancelled = cfg
+            .cancel
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Acquire));
+        if cancelled {
+            bar.finish_and_clear();
+            save(&progress, &teacher_weights, &optimizer)?;
+            return Err(TrainError::Interrupted {
+                step: progress.step,
+                checkpoint: checkpoint.clone(),
+            });
+        }
+        let every = cfg.checkpoint_every;
+        if every > 0 && progress.step % every == 0 && progress.step < cfg.steps {
+            save(&progress, &teacher_weights, &optimizer)?;
+        }
+    }
+    if progress.step < cfg.steps {
+        bar.finish_and_clear();
+        save(&progress, &teacher_weights, &optimizer)?;
+        return Ok(TrainReport {
+            model_path: PathBuf::new(),
+            teacher_path: PathBuf::new(),
+            vocab_path: PathBuf::new(),
+            config: world,
+            losses: progress.losses,
+            log: progress.log,
+            data_hash,
+            seconds: started.elapsed().as_secs_f64(),
+            resumed_at,
+            finished: false,
+        });
     }
     bar.finish_and_clear();
 
@@ -269,16 +360,153 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     write_atomic(&vocab_path, |out| {
         vocab.tokens().iter().try_for_each(|t| writeln!(out, "{t}"))
     })?;
+    // The model files hold everything the checkpoint did that outlives
+    // the run; the run key names its step count, so nothing can resume it.
+    if checkpoint.exists() {
+        std::fs::remove_file(&checkpoint)
+            .map_err(|e| crate::data::DataError::io(&checkpoint, e))?;
+    }
     Ok(TrainReport {
         model_path,
         teacher_path,
         vocab_path,
         config: world,
-        losses,
-        log,
+        losses: progress.losses,
+        log: progress.log,
         data_hash,
         seconds: started.elapsed().as_secs_f64(),
+        resumed_at,
+        finished: true,
     })
+}
+
+/// Where a run writing into `out` keeps its checkpoint.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    out.join("train-world.run.safetensors")
+}
+
+/// The checkpoint's format tag.
+const CHECKPOINT_FORMAT: &str = "tofy-world-run-1";
+
+/// Everything that makes two runs the same run: the data, every
+/// hyper-parameter (the step count included: the schedules depend on it)
+/// and the seed. The log interval, the held-out file and the output folder
+/// change nothing a run computes.
+fn run_key(cfg: &TrainConfig, data_hash: &str) -> String {
+    format!(
+        "data {} steps {} batch {} dim {} max_seq {} layers {} heads {} max_vocab {} bridge {} \
+         lr {} weight_decay {} var {} cov {} nce {} embed_lr_scale {} init_encoder {} seed {}",
+        &data_hash[..16.min(data_hash.len())],
+        cfg.steps,
+        cfg.batch,
+        cfg.dim,
+        cfg.max_seq,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.max_vocab,
+        cfg.bridge_dim,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.var_weight,
+        cfg.cov_weight,
+        cfg.nce_weight,
+        cfg.embed_lr_scale,
+        cfg.init_encoder
+            .as_ref()
+            .map_or("none".to_string(), |p| p.display().to_string()),
+        cfg.seed
+    )
+}
+
+/// A run's history: the steps taken, each step's loss and the log lines.
+#[derive(Default)]
+struct Progress {
+    step: usize,
+    losses: Vec<f32>,
+    log: Vec<(usize, f32, Option<f32>)>,
+}
+
+/// Writes the online weights, the teacher's, the optimiser's moments and
+/// the history.
+fn save_checkpoint(
+    path: &Path,
+    run: &str,
+    progress: &Progress,
+    vars: &[(String, Var)],
+    teacher: &HashMap<String, Tensor>,
+    optimizer: &Adam,
+) -> Result<(), TrainError> {
+    let mut tensors = Vec::with_capacity(vars.len() * 3 + teacher.len());
+    for ((name, var), (m, v)) in vars.iter().zip(optimizer.moments()) {
+        tensors.push((name.clone(), tensor_data(var.as_tensor())?));
+        tensors.push((format!("adam.m.{name}"), tensor_data(m)?));
+        tensors.push((format!("adam.v.{name}"), tensor_data(v)?));
+    }
+    for (name, t) in teacher {
+        tensors.push((format!("teacher.{name}"), tensor_data(t)?));
+    }
+    let held = |h: &Option<f32>| h.map_or("-".to_string(), |c| c.to_string());
+    let meta = HashMap::from([
+        ("tofy.format".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("run".to_string(), run.to_string()),
+        ("step".to_string(), progress.step.to_string()),
+        ("adam_steps".to_string(), optimizer.steps().to_string()),
+        (
+            "losses".to_string(),
+            run::join(&progress.losses, f32::to_string),
+        ),
+        (
+            "log".to_string(),
+            run::join(&progress.log, |(s, c, h)| format!("{s}:{c}:{}", held(h))),
+        ),
+    ]);
+    checkpoint::save(path, &tensors, Some(meta))?;
+    Ok(())
+}
+
+/// Reads a checkpoint of this run back into the variables, the teacher and
+/// the optimiser; refuses one of another run.
+fn load_checkpoint(
+    path: &Path,
+    run: &str,
+    vars: &[(String, Var)],
+    teacher: &mut HashMap<String, Tensor>,
+    optimizer: &mut Adam,
+) -> Result<Progress, TrainError> {
+    let file = Checkpoint::open(path)?;
+    let meta = RunMeta::read(path, &file, CHECKPOINT_FORMAT, "train-world", run)?;
+    let tensor = |name: &str, like: &Tensor| -> Result<Tensor, TrainError> {
+        let values = file.values(name, like.dims())?;
+        Ok(Tensor::from_vec(values, like.dims(), &Device::Cpu)?)
+    };
+    let mut moments = Vec::with_capacity(vars.len());
+    for (name, var) in vars {
+        var.set(&tensor(name, var.as_tensor())?)?;
+        moments.push((
+            tensor(&format!("adam.m.{name}"), var.as_tensor())?,
+            tensor(&format!("adam.v.{name}"), var.as_tensor())?,
+        ));
+    }
+    for (name, t) in teacher.iter_mut() {
+        *t = tensor(&format!("teacher.{name}"), t)?;
+    }
+    optimizer.restore(meta.number("adam_steps")?, moments)?;
+    let losses = meta.list("losses", |l| l.parse::<f32>().ok())?;
+    let log = meta.list("log", |entry| {
+        let mut parts = entry.split(':');
+        let step = parts.next()?.parse().ok()?;
+        let cos = parts.next()?.parse().ok()?;
+        let held = match parts.next()? {
+            "-" => None,
+            h => Some(h.parse().ok()?),
+        };
+        Some((step, cos, held))
+    })?;
+    let step = meta.number("step")?;
+    if losses.len() != step {
+        return Err(meta.bad(format!("{} losses for {step} steps", losses.len())));
+    }
+    Ok(Progress { step, losses, log })
 }
 
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -161,6 +162,12 @@ impl Checkpoint {
         Ok(Array1::from_vec(self.f32_data(name, &[len])?))
     }
 
+    /// Copies out the F32 tensor `name` of any rank, which must have shape
+    /// `shape`, in row-major order.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.f32_data(name, shape)
+    }
+
     fn f32_data(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let info = self.header.info(name).ok_or_else(|| self.missing(name))?;
         if info.dtype != Dtype::F32 {
@@ -294,11 +301,26 @@ pub fn save(
 ) -> Result<()> {
     let path = path.as_ref();
     let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
-        SafeTensorError::IoError(io) => WorldError::io(path, io),
-        other => WorldError::NotSafetensors {
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| WorldError::NotSafetensors {
             path: path.to_path_buf(),
-            reason: format!("cannot serialise: {other}"),
-        },
-    })
+            reason: format!("cannot serialise: {e}"),
+        })?;
+    // Written beside and renamed over: a process killed mid-write (a
+    // training run's checkpoint is rewritten every few minutes) leaves the
+    // previous file whole, never a truncated one.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // A model is a file to share: the usual 0644 (less the umask), not the
+    // temporary file's 0600.
+    let mut tmp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(dir)
+        .map_err(|e| WorldError::io(path, e))?;
+    tmp.write_all(&bytes).map_err(|e| WorldError::io(path, e))?;
+    tmp.persist(path)
+        .map_err(|e| WorldError::io(path, e.error))?;
+    Ok(())
 }
