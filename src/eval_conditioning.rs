@@ -138,7 +138,7 @@ impl EvalMode {
 
 /// The differences reported, `a - b`: negative means `a` expects the true
 /// reply more. Only those whose two modes were both scored are reported.
-pub const PAIRED: [(EvalMode, EvalMode); 19] = [
+pub const PAIRED: [(EvalMode, EvalMode); 20] = [
     (EvalMode::Prefix, EvalMode::None),
     (EvalMode::Prefix, EvalMode::MismatchedPrefix),
     (EvalMode::Prefix, EvalMode::MeanPrefix),
@@ -150,6 +150,8 @@ pub const PAIRED: [(EvalMode, EvalMode); 19] = [
     (EvalMode::Text, EvalMode::None),
     (EvalMode::Text, EvalMode::Instruction),
     (EvalMode::Text, EvalMode::MismatchedText),
+    // The default mode's choice (issue 24 rung 5).
+    (EvalMode::Prefix, EvalMode::Text),
     (EvalMode::OraclePrefix, EvalMode::None),
     (EvalMode::OraclePrefix, EvalMode::MismatchedPrefix),
     (EvalMode::Oracle, EvalMode::SoftPrompt),

@@ -356,6 +356,27 @@ fn prefix_mode_streams_a_reply_from_projected_rows() {
         tokens(&text)
     );
 
+    // No mode named: prefix, since the embedded projector was made for
+    // this GGUF (issue 24 rung 5); text where no projector fits the decoder
+    // (the stub takes no rows).
+    let default_mode = |env: &[(&str, &str)]| -> serde_json::Value {
+        let out = tofy(
+            &[
+                "infer-agent",
+                "hi",
+                "--json",
+                "--temp",
+                "0",
+                "--max-new-tokens",
+                "2",
+            ],
+            env,
+        );
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()["cond_mode"].clone()
+    };
+    assert_eq!(default_mode(&env), "prefix");
+    assert_eq!(default_mode(&[("JEPA_DECODER_BACKEND", "stub")]), "text");
+
     // Streaming, as a user runs it.
     let out = tofy(
         &[

@@ -83,7 +83,7 @@ fn chat_completions_and_models_speak_openai() {
     let body = with(
         chat("Say hello.", 2),
         "tofy",
-        json!({"return_conditioning": true, "cond_format": "stats"}),
+        json!({"return_conditioning": true, "cond_mode": "text", "cond_format": "stats"}),
     );
     let (_, reply) = server.post("/v1/chat/completions", &body);
     let report = &reply["tofy"]["conditioning"];
@@ -791,6 +791,9 @@ fn the_seed_form_serves_and_bad_arguments_are_one_line() {
             .len(),
         24
     );
+    // No projector takes this world model's 24 values: the default mode is
+    // the seed's text, not prefix.
+    assert_eq!(reply["tofy"]["conditioning"]["cond_mode"], "text");
     drop(server);
 
     let run = |args: &[&str]| -> Output {
@@ -1026,8 +1029,11 @@ fn prefix_mode_chat_carries_the_world_vector_in_rows() {
         reply
     };
     let usage = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
-    let text = ask(json!({}));
+    let text = ask(json!({ "cond_mode": "text" }));
     let prefix = ask(json!({ "cond_mode": "prefix" }));
+    // No mode named: prefix, the embedded projector being made for this GGUF.
+    let default = ask(json!({}));
+    assert_eq!(default["tofy"]["conditioning"]["cond_mode"], "prefix");
     let none = ask(json!({ "cond_mode": "none" }));
     let report = &prefix["tofy"]["conditioning"];
     assert_eq!(report["cond_mode"], "prefix");

@@ -435,7 +435,10 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         out,
         "context:       {} tokens; conditioning mode {}, format {}",
         config.ctx,
-        args.decoder.cond_mode.name(),
+        args.decoder.cond_mode.map_or(
+            "default (prefix where a projector was made for the GGUF, else text)",
+            CondMode::name
+        ),
         args.decoder.cond_format.name()
     )?;
     match args.decoder.projector() {
@@ -467,7 +470,7 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
                 map.gguf_name()
             )?
         }
-        Ok(None) if args.decoder.cond_mode == CondMode::Cvec => {
+        Ok(None) if args.decoder.cond_mode == Some(CondMode::Cvec) => {
             writeln!(out, "control map:   none, but the mode is cvec")?;
             fixes.push(
                 "make a control map with `tofy fit-control` and pass --control FILE (TOFY_CONTROL)"

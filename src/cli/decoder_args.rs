@@ -78,9 +78,11 @@ pub struct DecoderArgs {
     #[arg(long, env = "JEPA_DECODER_COND_FORMAT", value_enum, default_value_t = CondFormat::Chunks)]
     pub cond_format: CondFormat,
     /// How the conditioning reaches the decoder: text (numbers in the system message), prefix
-    /// (projected embedding rows in their place), none.
-    #[arg(long, env = "JEPA_DECODER_COND_MODE", value_enum, default_value_t = CondMode::Text)]
-    pub cond_mode: CondMode,
+    /// (projected embedding rows in their place), cvec, none [default: prefix where the llama
+    /// backend runs a GGUF a projector was made for (the embedded one: SmolLM2-135M-Instruct),
+    /// else text].
+    #[arg(long, env = "JEPA_DECODER_COND_MODE", value_enum)]
+    pub cond_mode: Option<CondMode>,
     /// Projector for prefix mode (safetensors) [default: the embedded trained one for
     /// SmolLM2-135M-Instruct].
     #[arg(long, env = "TOFY_PROJECTOR", value_name = "FILE")]

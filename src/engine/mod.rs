@@ -10,6 +10,7 @@
 
 mod world_batch;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -66,8 +67,36 @@ pub enum EngineError {
 /// How the engine conditions unless a request says otherwise.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CondSettings {
-    pub mode: CondMode,
+    /// `None`: the engine picks ([`default_mode`]).
+    pub mode: Option<CondMode>,
     pub format: CondFormat,
+}
+
+/// The mode when none was chosen: `prefix` where the decoder takes
+/// embedding rows (`projector` is then the one that fits it) and a
+/// projector was made for its GGUF and for the world model's vectors (one
+/// given, checked to fit the decoder; or the embedded one, made for the
+/// GGUF of that file name), else the seed's `text`. On held-out chitchat
+/// `prefix` is the mode under which the decoder most expects the true reply
+/// (docs/conditioning.md, issue 24 rung 5); `text` needs no projector, so it
+/// stays for every other setup.
+pub fn default_mode(
+    projector: Option<&Projector>,
+    given: bool,
+    model: Option<&Path>,
+    bridge_dim: usize,
+) -> CondMode {
+    let Some(projector) = projector.filter(|p| p.bridge_dim() == bridge_dim) else {
+        return CondMode::Text;
+    };
+    let made_for_model = model
+        .and_then(Path::file_name)
+        .is_some_and(|name| name.to_str() == Some(projector.gguf_name()));
+    if given || made_for_model {
+        CondMode::Prefix
+    } else {
+        CondMode::Text
+    }
 }
 
 /// One request's conditioning choices over the engine's settings.
@@ -141,7 +170,9 @@ pub struct Engine {
     world: Arc<WorldModel>,
     batcher: WorldBatcher,
     decoder: Box<dyn Decoder>,
-    settings: CondSettings,
+    /// A turn's mode and text format unless it names its own.
+    mode: CondMode,
+    format: CondFormat,
     /// For prefix mode; `None` when no projector fits the decoder.
     projector: Option<Projector>,
     /// For cvec mode: a control map and the strength of its vectors.
@@ -150,8 +181,9 @@ pub struct Engine {
 
 impl Engine {
     /// The engine, with `projector` (or, with none given, the embedded
-    /// one where it fits the decoder). An error when the default
-    /// mode is `prefix` and it cannot run, or a given projector does not fit.
+    /// one where it fits the decoder), and the mode `settings` name or else
+    /// [`default_mode`]'s. An error when the default mode is `prefix` and
+    /// it cannot run, or a given projector does not fit.
     pub fn new(
         world: WorldModel,
         decoder: Box<dyn Decoder>,
@@ -161,6 +193,7 @@ impl Engine {
         let model = decoder
             .model_path()
             .map_or_else(|| "(no model)".to_string(), |p| p.display().to_string());
+        let given = projector.is_some();
         let projector = match (projector, decoder.input_width()) {
             (Some(p), Some(width)) => {
                 p.check_width(width, &model)?;
@@ -169,16 +202,25 @@ impl Engine {
             (None, Some(width)) => Some(Projector::embedded()).filter(|p| p.n_embd() == width),
             (_, None) => None,
         };
+        let mode = settings.mode.unwrap_or_else(|| {
+            default_mode(
+                projector.as_ref(),
+                given,
+                decoder.model_path(),
+                world.config().bridge_dim,
+            )
+        });
         let world = Arc::new(world);
         let engine = Self {
             batcher: WorldBatcher::start(Arc::clone(&world)).map_err(DecoderError::Io)?,
             world,
             decoder,
-            settings,
+            mode,
+            format: settings.format,
             projector,
             control: None,
         };
-        if settings.mode == CondMode::Prefix {
+        if mode == CondMode::Prefix {
             engine.prefix_projector()?;
         }
         Ok(engine)
@@ -204,7 +246,7 @@ impl Engine {
                 })?;
         }
         self.control = control;
-        if self.settings.mode == CondMode::Cvec {
+        if self.mode == CondMode::Cvec {
             self.control_map()?;
         }
         Ok(self)
@@ -231,8 +273,15 @@ impl Engine {
         self.decoder.as_ref()
     }
 
-    pub fn settings(&self) -> CondSettings {
-        self.settings
+    /// The mode of a turn that names none: the one chosen, or
+    /// [`default_mode`]'s.
+    pub fn mode(&self) -> CondMode {
+        self.mode
+    }
+
+    /// The text format of a turn that names none.
+    pub fn format(&self) -> CondFormat {
+        self.format
     }
 
     pub fn projector(&self) -> Option<&Projector> {
@@ -266,11 +315,11 @@ impl Engine {
         let mode = if given {
             CondMode::Prefix
         } else {
-            turn.mode.unwrap_or(self.settings.mode)
+            turn.mode.unwrap_or(self.mode)
         };
         let mut steer = Steer {
             mode,
-            format: turn.format.unwrap_or(self.settings.format),
+            format: turn.format.unwrap_or(self.format),
             conditioning: None,
             rows: None,
             control: None,
@@ -426,6 +475,37 @@ pub fn with_conditioning(mut conversation: Vec<ChatMessage>, system: String) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Prefix where a projector was made for the GGUF and the world
+    /// model's vectors; the seed's text everywhere else.
+    #[test]
+    fn the_default_mode_is_prefix_only_where_a_projector_was_made_for_the_setup() {
+        let embedded = Projector::embedded();
+        let made_for = Path::new("/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let other = Path::new("/models/other-576-wide.gguf");
+        let bridge = embedded.bridge_dim();
+        let mode = |p, given, model, bridge| default_mode(p, given, model, bridge);
+        assert_eq!(embedded.gguf_name(), "SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert_eq!(
+            mode(Some(&embedded), false, Some(made_for), bridge),
+            CondMode::Prefix
+        );
+        assert_eq!(
+            mode(Some(&embedded), false, Some(other), bridge),
+            CondMode::Text
+        );
+        assert_eq!(
+            mode(Some(&embedded), true, Some(other), bridge),
+            CondMode::Prefix
+        );
+        assert_eq!(
+            mode(Some(&embedded), false, Some(made_for), 24),
+            CondMode::Text
+        );
+        assert_eq!(mode(Some(&embedded), true, Some(other), 24), CondMode::Text);
+        assert_eq!(mode(None, false, Some(made_for), bridge), CondMode::Text);
+        assert_eq!(mode(Some(&embedded), false, None, bridge), CondMode::Text);
+    }
 
     #[test]
     fn conditioning_goes_right_before_the_latest_user_turn() {

@@ -64,7 +64,7 @@ pub fn examples(
     let placeholder = Embeddings::new(vec![0.0; k * width], width)?;
     let steer = Steer {
         mode: CondMode::Prefix,
-        format: engine.settings().format,
+        format: engine.format(),
         conditioning: None,
         rows: Some(placeholder),
         control: None,
@@ -428,7 +428,7 @@ pub fn agreement(
     for (e, rows) in batch.iter().zip(rows) {
         let steer = Steer {
             mode: CondMode::Prefix,
-            format: engine.settings().format,
+            format: engine.format(),
             conditioning: None,
             rows: Some(rows),
             control: None,
