@@ -63,9 +63,9 @@ bench() { # label concurrency
 }
 
 echo "# bench-server $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), threads=$threads, $model, max_tokens $max_tokens, $requests requests per stream, $rounds rounds, tofy cache ${TOFY_CACHE_TYPE:-q8_0}"
-start_tofy() { # parallel [flags]
+start_tofy() { # parallel [flags]; text mode (the seed's) unless the flags say otherwise
     JEPA_DECODER_MODEL=$model JEPA_DECODER_NGL=0 JEPA_DECODER_THREADS=$threads \
-        target/release/tofy serve "127.0.0.1:$port" --parallel "$1" --ctx "$ctx" "${@:2}" 2>/dev/null &
+        target/release/tofy serve "127.0.0.1:$port" --parallel "$1" --ctx "$ctx" --cond-mode text "${@:2}" 2>/dev/null &
     pid=$!
 }
 start_tofy-prefix() { start_tofy "$1" --cond-mode prefix; }

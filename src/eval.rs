@@ -63,10 +63,12 @@ pub struct EvalReport {
     /// ridge fitted on each half of the pairs (file order, so the halves
     /// share at most one conversation) scores the other half, against that
     /// half's variance about the fitting half's mean.
-    pub ridge_r2_transition: f64,
+    /// `None` (JSON null) where it is undefined: fewer than 4 pairs, or
+    /// inputs or targets without spread.
+    pub ridge_r2_transition: Option<f64>,
     /// The same for the context's own latent (what the encoder alone knows
     /// about the reply).
-    pub ridge_r2_copy: f64,
+    pub ridge_r2_copy: Option<f64>,
 }
 
 /// The ridge weight of [`ridge_r2`], as a fraction of the inputs' mean
@@ -129,13 +131,14 @@ pub fn evaluate(
 }
 
 /// Two-fold held-out R² of a ridge map from `inputs` to `targets` (rows
-/// are pairs); 0 with fewer than 4 pairs.
-pub fn ridge_r2(inputs: &Array2<f32>, targets: &Array2<f32>) -> f64 {
+/// are pairs); `None` with fewer than 4 pairs, or inputs or targets
+/// without spread.
+pub fn ridge_r2(inputs: &Array2<f32>, targets: &Array2<f32>) -> Option<f64> {
     use nalgebra::DMatrix;
 
     let n = inputs.nrows();
     if n < 4 {
-        return 0.0;
+        return None;
     }
     let matrix = |a: &Array2<f32>, rows: std::ops::Range<usize>| {
         DMatrix::from_fn(rows.len(), a.ncols(), |r, c| {
@@ -156,10 +159,8 @@ pub fn ridge_r2(inputs: &Array2<f32>, targets: &Array2<f32>) -> f64 {
             })
             .sum::<f64>()
             / x.ncols() as f64;
-        let Some((w, b)) = crate::fit_projector::ridge(&x, &y, RIDGE_LAMBDA_FRACTION * variance)
-        else {
-            return 0.0;
-        };
+        // Singular only for inputs without spread (the weight is then 0).
+        let (w, b) = crate::fit_projector::ridge(&x, &y, RIDGE_LAMBDA_FRACTION * variance)?;
         let y_mean = y.row_mean();
         let (xs, ys) = (matrix(inputs, score.clone()), matrix(targets, score));
         let predicted = &xs * &w;
@@ -170,11 +171,7 @@ pub fn ridge_r2(inputs: &Array2<f32>, targets: &Array2<f32>) -> f64 {
             }
         }
     }
-    if total > 0.0 {
-        1.0 - residual / total
-    } else {
-        0.0
-    }
+    (total > 0.0).then(|| 1.0 - residual / total)
 }
 
 fn cosine(a: ArrayView1<f32>, b: ArrayView1<f32>) -> f64 {
@@ -301,12 +298,15 @@ mod tests {
         let map = random(&mut rng, 8, 5);
         let noise = random(&mut rng, 400, 5) * 0.1;
         let y = x.dot(&map) + &noise + 3.0;
-        let known = ridge_r2(&x, &y);
+        let known = ridge_r2(&x, &y).unwrap();
         assert!(known > 0.95 && known < 1.0, "{known}");
 
         let unrelated = random(&mut rng, 400, 5);
-        let none = ridge_r2(&x, &unrelated);
+        let none = ridge_r2(&x, &unrelated).unwrap();
         assert!(none < 0.0 && none > -0.1, "{none}");
-        assert_eq!(ridge_r2(&x.slice(ndarray::s![..3, ..]).to_owned(), &y), 0.0);
+        assert_eq!(
+            ridge_r2(&x.slice(ndarray::s![..3, ..]).to_owned(), &y),
+            None
+        );
     }
 }

@@ -156,6 +156,23 @@ fn models_are_discovered_under_models_and_the_cpu_build_notes_ngl() {
     };
     assert!(text.contains(ngl_line), "{text}");
     assert!(text.contains("threads:       1"), "{text}");
+    // The copy's file name is not the one the embedded projector was made
+    // for: the default mode is text; under its own name, prefix.
+    assert!(
+        text.contains("conditioning mode text (the default: no projector was made for this setup)"),
+        "{text}"
+    );
+    let model = smollm2().display().to_string();
+    let named = stdout(&tofy(
+        &["doctor"],
+        &[("JEPA_DECODER_MODEL", model.as_str())],
+    ));
+    assert!(
+        named.contains(
+            "conditioning mode prefix (the default: a projector was made for this GGUF and world model)"
+        ),
+        "{named}"
+    );
 }
 
 #[test]

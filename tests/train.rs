@@ -393,7 +393,8 @@ fn train_world_ctrl_c_writes_the_checkpoint_and_the_same_command_resumes() {
         "{stderr}"
     );
     assert!(
-        stdout.contains(&format!("stopped at step {until} of 1000000")),
+        stdout.contains(&format!("stopped at step {until} of 1000000"))
+            && stdout.contains("without --stop-after"),
         "{stdout}"
     );
 }

@@ -15,7 +15,8 @@ use super::{DeviceArgs, WorldSizeArgs, WorldSpec, split_world};
 use crate::conditioning::CondMode;
 use crate::decoder::config::DEFAULT_MAX_NEW_TOKENS;
 use crate::decoder::{self, BackendKind, DecoderConfig, FinishReason, discovery};
-use crate::engine::{AgentReply, AgentRequest, Engine, TurnOptions};
+use crate::engine::{AgentReply, AgentRequest, Engine, TurnOptions, default_mode};
+use crate::projector::Projector;
 use crate::world::{LoadOptions, WorldModel, WorldOverrides};
 
 #[derive(Debug, Args)]
@@ -320,8 +321,10 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         device: args.device.device,
         ..Default::default()
     };
+    let mut bridge_dim = None;
     match spec.load(&options) {
         Ok(world) => {
+            bridge_dim = Some(world.config().bridge_dim);
             writeln!(out, "world model:   {}", describe_world(&world))?;
             if let Some(why) = world.cpu_fallback() {
                 writeln!(out, "               on the CPU: {why}")?;
@@ -435,10 +438,27 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         out,
         "context:       {} tokens; conditioning mode {}, format {}",
         config.ctx,
-        args.decoder.cond_mode.map_or(
-            "default (prefix where a projector was made for the GGUF, else text)",
-            CondMode::name
-        ),
+        match args.decoder.cond_mode {
+            Some(mode) => format!("{} (JEPA_DECODER_COND_MODE / --cond-mode)", mode.name()),
+            None => {
+                // What the engine will pick (the projector's fit to the
+                // GGUF's width is checked only when the model loads).
+                let given = args.decoder.projector().ok().flatten();
+                let projector = given.clone().unwrap_or_else(Projector::embedded);
+                let model = found.as_ref().ok().and_then(|m| m.as_deref());
+                let mode = match (backend, bridge_dim) {
+                    (BackendKind::Llama, Some(bridge)) => {
+                        default_mode(Some(&projector), given.is_some(), model, bridge)
+                    }
+                    _ => CondMode::Text,
+                };
+                let why = match mode {
+                    CondMode::Prefix => "a projector was made for this GGUF and world model",
+                    _ => "no projector was made for this setup",
+                };
+                format!("{} (the default: {why})", mode.name())
+            }
+        },
         args.decoder.cond_format.name()
     )?;
     match args.decoder.projector() {

@@ -79,8 +79,8 @@ pub struct DecoderArgs {
     pub cond_format: CondFormat,
     /// How the conditioning reaches the decoder: text (numbers in the system message), prefix
     /// (projected embedding rows in their place), cvec, none [default: prefix where the llama
-    /// backend runs a GGUF a projector was made for (the embedded one: SmolLM2-135M-Instruct),
-    /// else text].
+    /// backend runs a GGUF that a projector reading the world model's vectors was made for
+    /// (--projector, or the embedded one on SmolLM2-135M-Instruct.Q4_1.gguf), else text].
     #[arg(long, env = "JEPA_DECODER_COND_MODE", value_enum)]
     pub cond_mode: Option<CondMode>,
     /// Projector for prefix mode (safetensors) [default: the embedded trained one for

@@ -1,9 +1,10 @@
-//! Ctrl-C for the commands that stream (`tofy infer-agent`): the first
-//! SIGINT or SIGTERM sets a flag that the generation (and a model load in
-//! progress) reads as a cancel, so the command stops at the decoder's next
-//! step, lets the llama.cpp worker free its context, and exits with the
-//! shell's code for the signal (130, 143) instead of dying by it. A second
-//! signal exits at once, through `_exit` (no destructor runs).
+//! Ctrl-C for the long commands (`tofy infer-agent`, `tofy train-world`):
+//! the first SIGINT or SIGTERM sets a flag that the command reads as a
+//! cancel (a generation and a model load stop at the decoder's next step
+//! and let the llama.cpp worker free its context; a training run ends its
+//! step and writes its checkpoint), and the command exits with the shell's
+//! code for the signal (130, 143) instead of dying by it. A second signal
+//! exits at once, through `_exit` (no destructor runs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

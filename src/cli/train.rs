@@ -151,7 +151,8 @@ pub struct TrainArgs {
     /// the same command run again resumes from it, and Ctrl-C writes it before stopping.
     #[arg(long, default_value_t = 100, value_name = "N")]
     checkpoint_every: usize,
-    /// Stop after step N with the checkpoint written, to split a long run over several sittings.
+    /// Stop after step N (counted from the run's start) with the checkpoint written, to split a
+    /// long run over several sittings; run again without it (or with a larger N) to go on.
     #[arg(long, value_name = "N")]
     stop_after: Option<usize>,
 }
@@ -201,7 +202,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     if !report.finished {
         println!(
-            "stopped at step {} of {} (--stop-after) in {:.0} s; run the same command again to go on from {}",
+            "stopped at step {} of {} (--stop-after) in {:.0} s; run the same command without --stop-after (or with a larger one) to go on from {}",
             report.losses.len(),
             config.steps,
             report.seconds,
@@ -310,6 +311,11 @@ fn teacher_beside(model: &std::path::Path) -> Option<PathBuf> {
     Some(model.with_file_name(format!("{stem}_teacher.safetensors")))
 }
 
+/// A ridge R² to four decimals, or "n/a" where it is undefined.
+fn r2_text(r2: Option<f64>) -> String {
+    r2.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"))
+}
+
 /// The report as a small table for people.
 pub fn render(r: &EvalReport) -> String {
     format!(
@@ -324,8 +330,8 @@ pub fn render(r: &EvalReport) -> String {
          \x20 copy baseline        {:>7.3}  {:>7.3}\n\
          \x20 chance               {:>7.3}  {:>7.3}\n\
          held-out R² of a ridge map to the next-turn latent (two-fold)\n\
-         \x20 from the prediction  {:>7.4}\n\
-         \x20 from the context     {:>7.4}\n",
+         \x20 from the prediction  {:>7}\n\
+         \x20 from the context     {:>7}\n",
         r.pairs,
         r.transition.cosine,
         r.transition.l2,
@@ -347,7 +353,7 @@ pub fn render(r: &EvalReport) -> String {
         r.retrieval_copy.top5,
         r.retrieval_chance.top1,
         r.retrieval_chance.top5,
-        r.ridge_r2_transition,
-        r.ridge_r2_copy,
+        r2_text(r.ridge_r2_transition),
+        r2_text(r.ridge_r2_copy),
     )
 }

@@ -68,7 +68,12 @@ pub fn write_atomic(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| DataError::io(path, e))?;
+    // The usual 0644 (less the umask), not the temporary file's 0600: these
+    // are files to share (pairs, a model's vocab).
+    let mut tmp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(dir)
+        .map_err(|e| DataError::io(path, e))?;
     {
         let mut out = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut out).map_err(|e| DataError::io(path, e))?;

@@ -331,6 +331,7 @@ where
                         backend = decoder.backend().name(),
                         model = %decoder.model_path().map_or_else(String::new, |p| p.display().to_string()),
                         context = decoder.context_size().unwrap_or(0),
+                        cond_mode = engine.mode().name(),
                         "decoder ready"
                     );
                     let _ = loader_state.engine.set(engine);
