@@ -8,7 +8,9 @@
 #
 # 1. eval-world on the validation pairs, each model on its own contexts (the history twin for the
 #    new one), next turns by each model's own encoder: the held-out ridge R² of the prediction
-#    against the reply latent, beside copy and mean (docs/results/rung2/eval-world-*.json).
+#    against the reply latent, beside copy and mean (docs/results/rung2/eval-world-*.json); and
+#    each model's prediction against the *other* model's reply latent (--reply-encoder), so that
+#    both are scored on one target.
 # 2. A projector on the new model's predictions, rung 1's `predicted` recipe exactly (the same
 #    start, data, batches, rates, validation and plateau rule), the world model reading the
 #    history twins (--world-contexts): target/rung2/predicted.safetensors.
@@ -38,6 +40,17 @@ fit=target/world-fit/model_world_1.51M.safetensors
     data/chitchat_pairs.valid.history.tsv --no-teacher --json >"$out/eval-world-hist.json"
 [ -f "$out/eval-world-fit.json" ] || "$tofy" eval-world "$fit" target/world-fit/vocab_world.txt \
     data/chitchat_pairs.valid.tsv --no-teacher --json >"$out/eval-world-fit.json"
+# One target for both models (--reply-encoder): each model's prediction against the other's encoder.
+[ -f "$out/eval-world-hist-vs-fit.json" ] || "$tofy" eval-world "$hist" target/world-hist/vocab_world.txt \
+    data/chitchat_pairs.valid.history.tsv --no-teacher --json \
+    --reply-encoder "$fit" target/world-fit/vocab_world.txt >"$out/eval-world-hist-vs-fit.json"
+[ -f "$out/eval-world-fit-vs-hist.json" ] || "$tofy" eval-world "$fit" target/world-fit/vocab_world.txt \
+    data/chitchat_pairs.valid.tsv --no-teacher --json \
+    --reply-encoder "$hist" target/world-hist/vocab_world.txt >"$out/eval-world-fit-vs-hist.json"
+for m in fit-vs-hist hist-vs-fit; do
+    jq -r --arg m "$m" '"\($m): against \(.ridge_r2_against.encoder) on \(.ridge_r2_against.pairs) pairs: ridge R² prediction \(.ridge_r2_against.prediction), context \(.ridge_r2_against.context)"' \
+        "$out/eval-world-$m.json"
+done
 for m in fit hist; do
     jq -r --arg m "$m" '"\($m): \(.pairs) pairs; ridge R² prediction \(.ridge_r2_transition), context \(.ridge_r2_copy); cosine \(.transition.cosine), copy \(.copy_baseline.cosine), mean \(.mean_baseline.cosine); top-1 \(.retrieval_model.top1), copy \(.retrieval_copy.top1)"' \
         "$out/eval-world-$m.json"

@@ -71,6 +71,51 @@ pub struct EvalReport {
     pub ridge_r2_copy: Option<f64>,
 }
 
+/// Held-out ridge R² against a reply latent that is not the model's own:
+/// another world model's encoding of the next turn (with its own vocab and
+/// max_seq). Scored against one fixed encoder, two models' predictions can
+/// be compared; against each one's own, a model whose latents are less
+/// spread has the easier target.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgainstEncoder {
+    /// The checkpoint whose encoder made the targets.
+    pub encoder: String,
+    /// Pairs scored (both sides have tokens for their reader).
+    pub pairs: usize,
+    /// From the model's prediction.
+    pub prediction: Option<f64>,
+    /// From the model's context latent.
+    pub context: Option<f64>,
+}
+
+/// [`AgainstEncoder`] on up to `max_pairs` of `pairs` (file order).
+pub fn ridge_r2_against(
+    model: &WorldModel,
+    encoder: &WorldModel,
+    name: String,
+    pairs: &[Pair],
+    max_pairs: usize,
+) -> Result<AgainstEncoder> {
+    let (contexts, nexts): (Vec<Encoded>, Vec<Encoded>) = pairs
+        .iter()
+        .filter_map(|p| {
+            Some((
+                encode(model.vocab(), &p.context, model.config().max_seq)?,
+                encode(encoder.vocab(), &p.next, encoder.config().max_seq)?,
+            ))
+        })
+        .take(max_pairs)
+        .unzip();
+    let from_context = model.forward(&contexts)?;
+    let target = encoder.forward(&nexts)?.state;
+    Ok(AgainstEncoder {
+        encoder: name,
+        pairs: target.nrows(),
+        prediction: ridge_r2(&from_context.next, &target),
+        context: ridge_r2(&from_context.state, &target),
+    })
+}
+
 /// The ridge weight of [`ridge_r2`], as a fraction of the inputs' mean
 /// variance per dimension times the pairs: fixed before any model was
 /// scored with it.

@@ -568,6 +568,20 @@ fn eval_world_scores_against_baselines() {
     assert!(r.effective_rank >= 1.0 && r.effective_rank <= 32.0);
     assert!(r.latent_std_min > 0.0 && r.latent_std_min <= r.latent_std_mean);
     assert!((-1.0..=1.0).contains(&r.transition.cosine));
+
+    // The ridge R² of the second half is undefined: the numbers past 14
+    // are not in the tiny vocab, so those contexts are all alike.
+    assert_eq!(r.ridge_r2_copy, None);
+
+    // Against its own encoder, the cross-encoder R² is the report's own.
+    let corpus_pairs = pairs::read(&corpus).unwrap();
+    let r = tofy::eval::evaluate(&model, &model, &corpus_pairs, 1000).unwrap();
+    let own =
+        tofy::eval::ridge_r2_against(&model, &model, "self".into(), &corpus_pairs, 1000).unwrap();
+    assert_eq!(own.pairs, 200);
+    assert!(own.prediction.is_some(), "{own:?}");
+    assert_eq!(own.prediction, r.ridge_r2_transition);
+    assert_eq!(own.context, r.ridge_r2_copy);
 }
 
 fn tofy(args: &[&str]) -> std::process::Output {

@@ -249,6 +249,10 @@ pub struct EvalArgs {
     /// Encode next turns with the model's own encoder even if a teacher is present.
     #[arg(long, conflicts_with = "teacher")]
     no_teacher: bool,
+    /// Also the held-out ridge R² of the prediction against another world model's encoding of the
+    /// next turns (its own vocab): one target for every model, so that two models compare fairly.
+    #[arg(long, num_args = 2, value_names = ["MODEL", "VOCAB"])]
+    reply_encoder: Option<Vec<PathBuf>>,
     /// Evaluate at most this many pairs (the first ones of the file); the default covers all 6,580 of chitchat's held-out split.
     #[arg(long, default_value_t = 10_000)]
     max_pairs: usize,
@@ -291,16 +295,46 @@ pub fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
         &pairs,
         args.max_pairs,
     )?;
+    let against = match args.reply_encoder.as_deref() {
+        Some([encoder, vocab]) => {
+            let other = WorldModel::load(encoder, vocab, &LoadOptions::default())?;
+            let name = encoder.display().to_string();
+            Some(eval::ridge_r2_against(
+                &model,
+                &other,
+                name,
+                &pairs,
+                args.max_pairs,
+            )?)
+        }
+        _ => None,
+    };
     let targets = teacher_path.map_or("the model's own encoder".to_string(), |p| {
         p.display().to_string()
     });
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer(&mut out, &report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(a) = &against {
+            value["ridge_r2_against"] = serde_json::to_value(a)?;
+        }
+        serde_json::to_writer(&mut out, &value)?;
         writeln!(out)?;
     } else {
         writeln!(out, "next turns encoded by {targets}")?;
         write!(out, "{}", render(&report))?;
+        if let Some(a) = &against {
+            writeln!(
+                out,
+                "held-out R² of a ridge map to {}'s next-turn latent ({} pairs)\n\
+                 \x20 from the prediction  {:>7}\n\
+                 \x20 from the context     {:>7}",
+                a.encoder,
+                a.pairs,
+                r2_text(a.prediction),
+                r2_text(a.context)
+            )?;
+        }
     }
     Ok(())
 }
