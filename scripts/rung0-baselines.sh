@@ -47,9 +47,5 @@ if [ "${HELDOUT:-1}" = 1 ]; then
 fi
 
 for split in valid heldout; do
-    [ -f "$out/$split.json" ] || continue
-    jq -r '"\(input_filename): \(.n) pairs from \(.conversations) conversations (\(.bootstrap) bootstrap), \(.modes.none.tokens) reply tokens\n",
-           (.modes | to_entries[] | "| \(.key) | \(.value.nll * 10000 | round / 10000) |"), "",
-           (.paired | to_entries[] | "| \(.key) | \(.value.mean * 10000 | round / 10000) | [\(.value.lo * 10000 | round / 10000), \(.value.hi * 10000 | round / 10000)] |")' \
-        "$out/$split.json"
+    if [ -f "$out/$split.json" ]; then scripts/eval-tables.sh "$out/$split.json"; fi
 done

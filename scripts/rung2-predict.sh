@@ -89,9 +89,5 @@ fi
 [ "$beats" = true ] || echo "prefix does not beat the soft prompt on validation: no held-out read (the rule above)"
 
 for split in valid heldout ood; do
-    [ -f "$out/$split.json" ] || continue
-    jq -r '"\(input_filename): \(.n) pairs from \(.conversations) conversations (\(.bootstrap) bootstrap), \(.modes.prefix.tokens) reply tokens\n",
-           (.modes | to_entries[] | "| \(.key) | \(.value.nll * 10000 | round / 10000) |"), "",
-           (.paired | to_entries[] | "| \(.key) | \(.value.mean * 10000 | round / 10000) | [\(.value.lo * 10000 | round / 10000), \(.value.hi * 10000 | round / 10000)] |")' \
-        "$out/$split.json"
+    if [ -f "$out/$split.json" ]; then scripts/eval-tables.sh "$out/$split.json"; fi
 done

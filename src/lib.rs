@@ -24,6 +24,7 @@
 //! - [`cli`]: the command-line surface (`tofy condition`, ...), shared by the
 //!   binary and the integration tests.
 
+pub mod atomic;
 pub mod cli;
 pub mod conditioning;
 pub mod data;

@@ -64,22 +64,5 @@ pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), DataError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // The usual 0644 (less the umask), not the temporary file's 0600: these
-    // are files to share (pairs, a model's vocab).
-    let mut tmp = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .tempfile_in(dir)
-        .map_err(|e| DataError::io(path, e))?;
-    {
-        let mut out = std::io::BufWriter::new(tmp.as_file_mut());
-        write(&mut out).map_err(|e| DataError::io(path, e))?;
-        out.flush().map_err(|e| DataError::io(path, e))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| DataError::io(path, e.error))?;
-    Ok(())
+    crate::atomic::replace(path, write).map_err(|e| DataError::io(path, e))
 }

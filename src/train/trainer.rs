@@ -315,57 +315,22 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
             save(&progress, &teacher_weights, &optimizer)?;
         }
     }
-    if progress.step < cfg.steps {
-        bar.finish_and_clear();
-        save(&progress, &teacher_weights, &optimizer)?;
-        return Ok(TrainReport {
-            model_path: PathBuf::new(),
-            teacher_path: PathBuf::new(),
-            vocab_path: PathBuf::new(),
-            config: world,
-            losses: progress.losses,
-            log: progress.log,
-            data_hash,
-            seconds: started.elapsed().as_secs_f64(),
-            resumed_at,
-            finished: false,
-        });
-    }
     bar.finish_and_clear();
-
-    let size = format!("{:.2}M", parameter_count(&world) as f64 / 1e6);
-    let model_path = cfg.out.join(format!("model_world_{size}.safetensors"));
-    let teacher_path = cfg
-        .out
-        .join(format!("model_world_{size}_teacher.safetensors"));
-    let vocab_path = cfg.out.join("vocab_world.txt");
-    let mut meta: HashMap<String, String> = world.metadata().into_iter().collect();
-    meta.insert("steps".into(), cfg.steps.to_string());
-    meta.insert("data_sha256".into(), data_hash.clone());
-    meta.insert("seed".into(), cfg.seed.to_string());
-    let mut teacher_meta = meta.clone();
-    teacher_meta.insert(checkpoint::ROLE_KEY.into(), checkpoint::ROLE_TEACHER.into());
-    checkpoint::save(&model_path, &var_tensors(&varmap)?, Some(meta))?;
-    // The teacher file is a complete checkpoint: the EMA encoder with the
-    // online transition and bridge, so that eval-world can encode targets
-    // with it exactly as training did.
-    let teacher_tensors = var_tensors(&varmap)?
-        .into_iter()
-        .map(|(name, online)| match teacher_weights.get(&name) {
-            Some(t) => Ok((name, tensor_data(t)?)),
-            None => Ok((name, online)),
-        })
-        .collect::<Result<Vec<_>, candle_core::Error>>()?;
-    checkpoint::save(&teacher_path, &teacher_tensors, Some(teacher_meta))?;
-    write_atomic(&vocab_path, |out| {
-        vocab.tokens().iter().try_for_each(|t| writeln!(out, "{t}"))
-    })?;
-    // The model files hold everything the checkpoint did that outlives
-    // the run; the run key names its step count, so nothing can resume it.
-    if checkpoint.exists() {
-        std::fs::remove_file(&checkpoint)
-            .map_err(|e| crate::data::DataError::io(&checkpoint, e))?;
-    }
+    let finished = progress.step == cfg.steps;
+    let (model_path, teacher_path, vocab_path) = if finished {
+        let paths = write_model(cfg, &world, &varmap, &teacher_weights, &vocab, &data_hash)?;
+        // The model files hold everything the checkpoint did that outlives
+        // the run; the run key names its step count, so nothing can resume it.
+        if checkpoint.exists() {
+            std::fs::remove_file(&checkpoint)
+                .map_err(|e| crate::data::DataError::io(&checkpoint, e))?;
+        }
+        paths
+    } else {
+        // Stopped at --stop-after: the checkpoint is the run's output.
+        save(&progress, &teacher_weights, &optimizer)?;
+        Default::default()
+    };
     Ok(TrainReport {
         model_path,
         teacher_path,
@@ -376,8 +341,48 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         data_hash,
         seconds: started.elapsed().as_secs_f64(),
         resumed_at,
-        finished: true,
+        finished,
     })
+}
+
+/// Writes `model_world_<size>.safetensors`, its `_teacher` twin and
+/// `vocab_world.txt` into `cfg.out`; returns their paths.
+fn write_model(
+    cfg: &TrainConfig,
+    world: &WorldConfig,
+    varmap: &VarMap,
+    teacher_weights: &HashMap<String, Tensor>,
+    vocab: &Vocab,
+    data_hash: &str,
+) -> Result<(PathBuf, PathBuf, PathBuf), TrainError> {
+    let size = format!("{:.2}M", parameter_count(world) as f64 / 1e6);
+    let model_path = cfg.out.join(format!("model_world_{size}.safetensors"));
+    let teacher_path = cfg
+        .out
+        .join(format!("model_world_{size}_teacher.safetensors"));
+    let vocab_path = cfg.out.join("vocab_world.txt");
+    let mut meta: HashMap<String, String> = world.metadata().into_iter().collect();
+    meta.insert("steps".into(), cfg.steps.to_string());
+    meta.insert("data_sha256".into(), data_hash.to_string());
+    meta.insert("seed".into(), cfg.seed.to_string());
+    let mut teacher_meta = meta.clone();
+    teacher_meta.insert(checkpoint::ROLE_KEY.into(), checkpoint::ROLE_TEACHER.into());
+    checkpoint::save(&model_path, &var_tensors(varmap)?, Some(meta))?;
+    // The teacher file is a complete checkpoint: the EMA encoder with the
+    // online transition and bridge, so that eval-world can encode targets
+    // with it exactly as training did.
+    let teacher_tensors = var_tensors(varmap)?
+        .into_iter()
+        .map(|(name, online)| match teacher_weights.get(&name) {
+            Some(t) => Ok((name, tensor_data(t)?)),
+            None => Ok((name, online)),
+        })
+        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+    checkpoint::save(&teacher_path, &teacher_tensors, Some(teacher_meta))?;
+    write_atomic(&vocab_path, |out| {
+        vocab.tokens().iter().try_for_each(|t| writeln!(out, "{t}"))
+    })?;
+    Ok((model_path, teacher_path, vocab_path))
 }
 
 /// Where a run writing into `out` keeps its checkpoint.

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -306,21 +305,6 @@ pub fn save(
             path: path.to_path_buf(),
             reason: format!("cannot serialise: {e}"),
         })?;
-    // Written beside and renamed over: a process killed mid-write (a
-    // training run's checkpoint is rewritten every few minutes) leaves the
-    // previous file whole, never a truncated one.
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // A model is a file to share: the usual 0644 (less the umask), not the
-    // temporary file's 0600.
-    let mut tmp = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .tempfile_in(dir)
-        .map_err(|e| WorldError::io(path, e))?;
-    tmp.write_all(&bytes).map_err(|e| WorldError::io(path, e))?;
-    tmp.persist(path)
-        .map_err(|e| WorldError::io(path, e.error))?;
-    Ok(())
+    // Replaced whole: a kill mid-write keeps the previous file.
+    crate::atomic::replace(path, |out| out.write_all(&bytes)).map_err(|e| WorldError::io(path, e))
 }
